@@ -1,0 +1,1 @@
+"""Analysis from MLflow alone: loading, statistics, figures, per-study reports."""

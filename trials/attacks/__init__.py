@@ -1,0 +1,1 @@
+"""Attacks, one module each; importing this package registers them in ATTACKS."""

@@ -1,0 +1,1 @@
+"""Backdoor attacks (the EVAS input-aware trigger generator, later TrojanNN/BadNet)."""

@@ -1,0 +1,1 @@
+"""Trial kinds: ``config -> metrics`` functions registered in TRIAL_KINDS."""

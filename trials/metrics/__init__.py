@@ -1,0 +1,1 @@
+"""Measurements of a model (kappa, gradient variance, loss contours, ...)."""

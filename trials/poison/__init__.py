@@ -1,0 +1,1 @@
+"""Data poisoning (label flipping; later NAS poisons)."""

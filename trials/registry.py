@@ -1,0 +1,94 @@
+"""The one Registry class and the project's registries.
+
+Every pluggable thing (model, dataset, attack, metric, trial kind) is an entry in exactly one
+registry; studies name entries, never code paths. Entries register when their module is
+imported: each subpackage's ``__init__`` imports its modules (as timm's ``models/__init__``
+does), and ``import nasrisk.trials`` imports all subpackages, so every Ray worker that unpickles
+a trial sees the same names.
+
+What an entry takes and returns, per registry:
+
+* ``MODELS``: ``builder(*, num_classes: int, input_size: int, **kw) -> nn.Module`` mapping
+  *normalised* inputs ``(B, 3, H, W)`` to logits ``(B, num_classes)``. Normalisation to the
+  dataset's mean/std is done by :class:`nasrisk.trials.models.wrapper.Normalized`, so attacks
+  work in [0, 1] pixel space.
+* ``DATASETS``: ``loader(*, root: Path, download: bool) -> ImageData`` (all splits in memory,
+  uint8 ``(N, 3, H, W)`` images and int64 labels) with a :class:`DatasetInfo` as ``.info``.
+* ``ATTACKS``: ``attack(model, x, y, *, ...) -> AttackResult`` (keyword-only options with defaults).
+* ``METRICS``: ``metric(model, ... ) -> float | dict`` measured on a model/data.
+* ``TRIAL_KINDS``: ``kind(config: dict, ctx: TrialContext) -> dict[str, float]``; its
+  ``.config_model`` attribute is the pydantic model that validates ``config``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any, Generic, TypeVar
+
+from .errors import UserError
+
+T = TypeVar("T")
+
+
+class UnknownEntryError(UserError, KeyError):
+    """A name that is not in a registry; the message lists the valid names."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return self.args[0] if self.args else ""
+
+
+class Registry(Generic[T]):
+    """A name -> object table. Registering a name twice raises; an unknown name raises
+    :class:`UnknownEntryError` listing the valid names."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self._entries: dict[str, T] = {}
+        self._meta: dict[str, dict[str, Any]] = {}
+
+    def register(self, name: str, obj: T | None = None, **meta: Any) -> Callable[[T], T] | T:
+        """``@REG.register("name", key=value)`` or ``REG.register("name", obj)``.
+
+        ``meta`` is free-form metadata kept beside the entry (family, source, ...).
+        """
+
+        def add(o: T) -> T:
+            if name in self._entries:
+                raise ValueError(f"{self.kind} {name!r} is already registered")
+            self._entries[name] = o
+            self._meta[name] = dict(meta)
+            return o
+
+        if obj is not None:
+            return add(obj)
+        return add
+
+    def get(self, name: str) -> T:
+        try:
+            return self._entries[name]
+        except KeyError:
+            valid = ", ".join(sorted(self._entries)) or "(none registered)"
+            raise UnknownEntryError(f"unknown {self.kind} {name!r}; valid: {valid}") from None
+
+    def meta(self, name: str) -> dict[str, Any]:
+        self.get(name)
+        return dict(self._meta[name])
+
+    def names(self) -> list[str]:
+        return sorted(self._entries)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._entries
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names())
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+MODELS: Registry[Callable[..., Any]] = Registry("model")
+DATASETS: Registry[Callable[..., Any]] = Registry("dataset")
+ATTACKS: Registry[Callable[..., Any]] = Registry("attack")
+METRICS: Registry[Callable[..., Any]] = Registry("metric")
+TRIAL_KINDS: Registry[Callable[..., Any]] = Registry("trial kind")
