@@ -26,7 +26,14 @@ class TrialContext:
     """Base context: keeps state in memory and drops logs. Subclasses persist them."""
 
     def __init__(self, *, device: str | torch.device | None = None,
-                 artifact_dir: str | Path | None = None, verbose: bool = False) -> None:
+                 artifact_dir: str | Path | None = None, verbose: bool = False,
+                 data_root: str | Path = "data", download: bool = False,
+                 store_root: str | Path | None = None) -> None:
+        #: where datasets live (``--download`` fetches there when allowed)
+        self.data_root = Path(data_root)
+        self.download = download
+        #: the content-addressed store shared by a study's stages (None: the trial makes none)
+        self.store_root = Path(store_root) if store_root else None
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)

@@ -128,6 +128,9 @@ def train(
         opt.load_state_dict(saved["opt"])
         sched.load_state_dict(saved["sched"])
         start, history, seconds = saved["epoch"], saved["history"], saved["seconds"]
+        if start:
+            ctx.log_metrics({f"{metric_prefix}resumed_from_epoch": start})
+            ctx.progress(f"{metric_prefix}resuming from epoch {start}")
 
     n = len(y_all)
     gen = torch.Generator(device=device)

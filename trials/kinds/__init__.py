@@ -1,1 +1,2 @@
 """Trial kinds: ``config -> metrics`` functions registered in TRIAL_KINDS."""
+from . import calibrate  # noqa: F401

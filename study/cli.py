@@ -1,0 +1,231 @@
+"""The ``nasrisk`` command. Thin: parse, validate, call. A user's mistake (unknown study,
+field, dataset, profile; malformed arch string; missing data file) prints one line and exits 2.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from nasrisk.trials.errors import UserError
+
+app = typer.Typer(
+    add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+    help="Run security studies of neural architecture search on Ray Tune, tracked in MLflow.\n\n"
+         "Typical use: `nasrisk studies`, `nasrisk plan evas-kappa`, `nasrisk run evas-kappa`, "
+         "`nasrisk report evas-kappa`, `mlflow ui ...` (printed at the end of a run).",
+)
+
+Study = Annotated[str, typer.Argument(help="A built-in study name (see `nasrisk studies`) or "
+                                           "a path to a YAML study file.")]
+Workdir = Annotated[Optional[Path], typer.Option(
+    "--workdir", help="Where everything the study produces lives (MLflow store, Tune state, "
+                      "checkpoints, reports). [default: ./nasrisk-runs or $NASRISK_WORKDIR]")]
+Tracking = Annotated[Optional[str], typer.Option(
+    "--tracking-uri", help="MLflow tracking URI, e.g. http://MLFLOW:5000. [default: "
+                           "$MLFLOW_TRACKING_URI, else sqlite:///<workdir>/mlflow.db]")]
+Profile = Annotated[Optional[str], typer.Option(
+    "--profile", help="Study profile: `smoke` (embedded data, tiny, minutes on a laptop) or "
+                      "`paper` (the published protocol). [default: the study's default]")]
+
+
+def _mlflow_ui_hint(uri: str) -> str:
+    if uri.startswith("sqlite:"):
+        return f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000"
+    return f"open {uri} in a browser"
+
+
+@app.command()
+def studies(show: Annotated[Optional[str], typer.Option(
+        "--show", help="Print this built-in study as YAML: a valid study file to copy and "
+                       "edit, then run with `nasrisk run my-study.yaml`.")] = None) -> None:
+    """List the built-in studies with their profiles and trial counts."""
+    from .plan import RunOptions, build_plan
+    from .spec import builtin_names, load_spec, spec_to_yaml
+
+    if show:
+        if show not in builtin_names():
+            raise UserError(f"unknown study {show!r}; built-in: {', '.join(builtin_names())}")
+        typer.echo(spec_to_yaml(load_spec(show)), nl=False)
+        return
+    for name in builtin_names():
+        spec = load_spec(name)
+        typer.echo(f"{name}: {spec.description.strip().splitlines()[0] if spec.description else ''}")
+        for pname, prof in spec.profiles.items():
+            plan = build_plan(spec, RunOptions(profile=pname))
+            per = ", ".join(f"{s.spec.name} {len(s.trials)}" for s in plan.stages)
+            default = " (default)" if pname == spec.default_profile else ""
+            typer.echo(f"  --profile {pname}{default}: {plan.n_trials} trials ({per}); "
+                       f"{prof.description}")
+
+
+@app.command()
+def plan(study: Study, profile: Profile = None,
+         dataset: Annotated[Optional[str], typer.Option(help="Dataset override.")] = None,
+         num_archs: Annotated[Optional[int], typer.Option(help="Number of archs to sample.")] = None,
+         all_archs: Annotated[bool, typer.Option("--all", help="All 15,625 NATS archs.")] = False,
+         workdir: Workdir = None, tracking_uri: Tracking = None) -> None:
+    """Show the trials, resources per trial and estimated compute, without running anything.
+
+    The estimate uses the measured per-trial time of finished trials of the same study and
+    stage in the tracking store (run the smoke profile once to get one)."""
+    from .plan import RunOptions, build_plan
+    from .spec import load_spec
+    from .estimate import describe_plan
+
+    spec = load_spec(study)
+    p = build_plan(spec, RunOptions(profile=profile, dataset=dataset, num_archs=num_archs,
+                                    all_archs=all_archs))
+    typer.echo(describe_plan(p, workdir=workdir, tracking_uri=tracking_uri))
+
+
+@app.command()
+def run(
+    study: Study,
+    profile: Profile = None,
+    dataset: Annotated[Optional[str], typer.Option(help="Dataset override (e.g. embedded, "
+                                                        "cifar10, cifar100, imagenet16-120).")] = None,
+    num_archs: Annotated[Optional[int], typer.Option(help="Number of NATS archs to sample.")] = None,
+    all_archs: Annotated[bool, typer.Option("--all", help="Use all 15,625 NATS archs.")] = False,
+    workdir: Workdir = None,
+    tracking_uri: Tracking = None,
+    address: Annotated[Optional[str], typer.Option(help="Ray address of a running cluster "
+                                                        "[default: $RAY_ADDRESS, else a local "
+                                                        "instance on 127.0.0.1]")] = None,
+    cpus_per_trial: Annotated[Optional[float], typer.Option(help="CPUs one trial reserves.")] = None,
+    gpus_per_trial: Annotated[Optional[float], typer.Option(help="GPUs one trial reserves "
+                                                                 "(fractions share a GPU).")] = None,
+    max_failures: Annotated[int, typer.Option(help="Retries of a failed trial (each resumes "
+                                                   "from its last checkpoint).")] = 2,
+    seed: Annotated[Optional[int], typer.Option(help="Seed of every trial.")] = None,
+    params: Annotated[Optional[str], typer.Option(help="Parameter set: paper or artifact.")] = None,
+    data_root: Annotated[Optional[Path], typer.Option(help="Dataset folder [default: "
+                                                           "<workdir>/data]")] = None,
+    download: Annotated[bool, typer.Option("--download", help="Download missing datasets "
+                                                             "(CIFAR) instead of failing.")] = False,
+    report: Annotated[bool, typer.Option(help="Build the study's report at the end.")] = True,
+) -> None:
+    """Run a study on Ray Tune (local or cluster), tracked in MLflow, then report on it.
+
+    Finished trials (in MLflow) are never rerun; an interrupted run continues with
+    `nasrisk resume STUDY`."""
+    from .plan import RunOptions, build_plan
+    from .spec import load_spec
+
+    spec = load_spec(study)
+    opts = RunOptions(profile=profile, dataset=dataset, num_archs=num_archs, all_archs=all_archs,
+                      seed=seed, params=params, cpus_per_trial=cpus_per_trial,
+                      gpus_per_trial=gpus_per_trial, max_failures=max_failures)
+    p = build_plan(spec, opts)
+    _check_data(p, data_root, workdir, download)
+    _execute(p, workdir=workdir, tracking_uri=tracking_uri, address=address,
+             data_root=data_root, download=download, restore=False, report=report)
+
+
+@app.command()
+def resume(study: Annotated[str, typer.Argument(help="The study name that was run.")],
+           workdir: Workdir = None,
+           address: Annotated[Optional[str], typer.Option(help="Ray address.")] = None,
+           report: Annotated[bool, typer.Option(help="Build the report at the end.")] = True) -> None:
+    """Continue an interrupted or partly failed study: restores the Tune experiment and runs
+    only what did not finish (errored trials included, from their last checkpoint)."""
+    from .plan import build_plan
+    from .runner import options_from_record
+    from .spec import spec_from_yaml
+    from .workdir import Workdir as WD
+
+    name = Path(study).stem if study.endswith((".yaml", ".yml")) else study
+    rec = WD.at(workdir).run_record(name)
+    p = build_plan(spec_from_yaml(rec["spec_yaml"]), options_from_record(rec))
+    _execute(p, workdir=workdir, tracking_uri=rec["tracking_uri"],
+             address=address or rec.get("address"), data_root=rec["data_root"],
+             download=rec["download"], restore=True, report=report)
+
+
+@app.command("report")
+def report_cmd(study: Study, workdir: Workdir = None, tracking_uri: Tracking = None) -> None:
+    """Build the study's analysis from MLflow alone: tables, CSV, figures (also logged to the
+    study's summary run)."""
+    from .spec import load_spec
+
+    _report(load_spec(study), workdir, tracking_uri)
+
+
+@app.command()
+def models(dataset: Annotated[str, typer.Option(help="Dataset that sets classes/input size.")] = "cifar10",
+           stats: Annotated[bool, typer.Option("--stats", help="Architecture statistics of the "
+                                                               "NAS genotypes instead.")] = False) -> None:
+    """List every registered model with its family and parameter count."""
+    from .models_cmd import print_models
+
+    print_models(dataset, stats)
+
+
+def _check_data(p, data_root, workdir, download) -> None:
+    """Fail before Ray starts when a dataset the plan needs is missing."""
+    from nasrisk.trials.data import load_dataset
+
+    from .workdir import Workdir as WD
+
+    root = Path(data_root) if data_root else WD.at(workdir).data
+    names = {t.config.get("dataset") for s in p.stages for t in s.trials} - {None}
+    for n in sorted(names):
+        if n != "embedded":
+            load_dataset(n, root=root, download=download)
+
+
+def _execute(p, *, workdir, tracking_uri, address, data_root, download, restore, report) -> None:
+    from .runner import run_study
+
+    typer.echo(f"nasrisk: study {p.spec.name}, profile {p.profile}, {p.n_trials} trials "
+               f"({', '.join(f'{s.spec.name}: {len(s.trials)}' for s in p.stages)})")
+    out = run_study(p, workdir=workdir, tracking_uri=tracking_uri, address=address,
+                    data_root=data_root, download=download, restore=restore)
+    for s in out.stages:
+        typer.echo(f"stage {s.stage}: {s.finished + s.skipped}/{s.total} done "
+                   f"({s.skipped} from earlier runs), {len(s.failed)} failed, "
+                   f"{s.seconds:.0f} s")
+    if report and p.spec.report:
+        _report(p.spec, workdir, out.tracking_uri)
+    typer.echo(f"MLflow store: {out.tracking_uri}")
+    typer.echo(f"inspect it:   {_mlflow_ui_hint(out.tracking_uri)}")
+    if out.failed:
+        typer.echo(f"{out.failed} trials failed; `nasrisk resume {p.spec.name}` retries them",
+                   err=True)
+        raise typer.Exit(1)
+
+
+def _report(spec, workdir, tracking_uri) -> None:
+    from nasrisk.analysis.reports import REPORTS
+
+    from .tracking import default_tracking_uri
+    from .workdir import Workdir as WD
+
+    if not spec.report:
+        raise UserError(f"study {spec.name} has no report")
+    wd = WD.at(workdir)
+    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(wd.root)
+    if uri.startswith("sqlite:") and not Path(uri.split("sqlite:///", 1)[-1]).exists():
+        raise UserError(f"no MLflow store at {uri}; run the study first or pass --tracking-uri")
+    rep = REPORTS[spec.report](uri, spec.name, wd.report_dir(spec.name))
+    typer.echo(rep.summary())
+
+
+def main() -> None:
+    try:
+        app()
+    except UserError as e:
+        typer.echo(f"nasrisk: error: {e}", err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        typer.echo("nasrisk: interrupted; `nasrisk resume STUDY` continues where it stopped",
+                   err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

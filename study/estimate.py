@@ -1,0 +1,58 @@
+"""`nasrisk plan`: what a study would run, and what it would cost, from measurements.
+
+Cost comes from finished trials of the same study, stage and profile in the tracking store
+(their ``time_total_s`` metric); without one the plan says so instead of guessing."""
+
+from __future__ import annotations
+
+import math
+import os
+import statistics
+from pathlib import Path
+
+from .plan import StudyPlan
+from .progress import fmt_duration
+from .workdir import Workdir
+
+
+def measured_seconds(uri: str, study: str, stage: str, profile: str) -> list[float]:
+    from .tracking import TAG_ROLE, TAG_STAGE, TAG_STATUS, client
+
+    c = client(uri)
+    exp = c.get_experiment_by_name(study)
+    if exp is None:
+        return []
+    filt = (f"tags.`{TAG_ROLE}` = 'trial' and tags.`{TAG_STATUS}` = 'done' and "
+            f"tags.`{TAG_STAGE}` = '{stage}' and tags.`nasrisk.profile` = '{profile}'")
+    runs = c.search_runs([exp.experiment_id], filter_string=filt, max_results=500)
+    return [r.data.metrics["time_total_s"] for r in runs if "time_total_s" in r.data.metrics]
+
+
+def describe_plan(plan: StudyPlan, *, workdir: str | Path | None = None,
+                  tracking_uri: str | None = None, cpus: int | None = None) -> str:
+    from .tracking import default_tracking_uri
+
+    wd = Workdir.at(workdir)
+    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(wd.root)
+    have_store = not uri.startswith("sqlite:") or Path(uri.split("sqlite:///", 1)[-1]).exists()
+    cpus = cpus or os.cpu_count() or 1
+    lines = [f"study {plan.spec.name}, profile {plan.profile}, parameter set {plan.params}: "
+             f"{plan.n_trials} trials"]
+    for st in plan.stages:
+        r = st.resources
+        lines.append(f"  stage {st.spec.name} ({st.spec.kind}): {len(st.trials)} trials, "
+                     f"{r.cpu:g} CPU + {r.gpu:g} GPU each")
+        for t in st.trials[:3]:
+            lines.append(f"    e.g. {t.name}  [key {t.key}]")
+        secs = measured_seconds(uri, plan.spec.name, st.spec.name, plan.profile) if have_store else []
+        if secs:
+            mean = statistics.fmean(secs)
+            conc = max(1, math.floor(cpus / r.cpu))
+            wall = math.ceil(len(st.trials) / conc) * mean
+            lines.append(f"    measured: {mean:.1f} s per trial (n={len(secs)}) -> "
+                         f"{mean * len(st.trials) * r.cpu / 3600:.2f} CPU-hours; about "
+                         f"{fmt_duration(wall)} wall on {cpus} CPUs ({conc} at a time)")
+        else:
+            lines.append(f"    no measured cost for profile {plan.profile} in {uri} yet: run "
+                         "a few trials (e.g. --num-archs 4) and plan again")
+    return "\n".join(lines)

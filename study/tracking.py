@@ -1,0 +1,180 @@
+"""MLflow run identity: exactly one run per trial, always.
+
+Ray's ``MLflowLoggerCallback`` and ``setup_mlflow`` open a new run on every retry or restore,
+so trials log through :class:`mlflow.MlflowClient` themselves. A trial's run carries the tag
+``nasrisk.trial_key`` (a hash of its config); its id is kept in the trial checkpoint and reused
+on retry/resume, with a tag search as the fallback when the checkpoint predates the run. A run
+tagged ``nasrisk.status=done`` is finished: the runner never computes that trial again.
+
+The driver creates the database and the experiment before any trial starts (concurrent first
+use of a fresh SQLite store races in alembic).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+import mlflow  # noqa: E402
+from mlflow.entities import Metric, Param, RunTag  # noqa: E402
+from mlflow.exceptions import MlflowException  # noqa: E402
+
+from nasrisk.trials.errors import UserError  # noqa: E402
+
+TAG_KEY = "nasrisk.trial_key"
+TAG_STATUS = "nasrisk.status"
+TAG_ROLE = "nasrisk.role"
+TAG_STUDY = "nasrisk.study"
+TAG_STAGE = "nasrisk.stage"
+TAG_KIND = "nasrisk.kind"
+
+
+def default_tracking_uri(workdir: Path) -> str:
+    return f"sqlite:///{Path(workdir).resolve() / 'mlflow.db'}"
+
+
+def client(uri: str) -> mlflow.MlflowClient:
+    return mlflow.MlflowClient(tracking_uri=uri)
+
+
+def ensure_experiment(uri: str, name: str, artifact_root: Path | None) -> str:
+    """Create (or find) the study's experiment from the driver; returns its id."""
+    c = client(uri)
+    try:
+        exp = c.get_experiment_by_name(name)
+    except MlflowException as e:
+        raise UserError(f"cannot reach the MLflow tracking store {uri}: {e.message.splitlines()[0]}") from None
+    except Exception as e:  # connection refused and the like, from the REST client
+        raise UserError(f"cannot reach the MLflow tracking store {uri}: {e}") from None
+    if exp is not None:
+        return exp.experiment_id
+    loc = None
+    if artifact_root is not None and not uri.startswith(("http://", "https://")):
+        loc = (Path(artifact_root).resolve() / name).as_uri()
+    return c.create_experiment(name, artifact_location=loc)
+
+
+def done_runs(uri: str, experiment_id: str, stage: str | None = None) -> dict[str, Any]:
+    """trial key -> finished run, for every trial run tagged done."""
+    c = client(uri)
+    filt = f"tags.`{TAG_STATUS}` = 'done' and tags.`{TAG_ROLE}` = 'trial'"
+    if stage:
+        filt += f" and tags.`{TAG_STAGE}` = '{stage}'"
+    out, token = {}, None
+    while True:
+        page = c.search_runs([experiment_id], filter_string=filt, max_results=1000,
+                             page_token=token)
+        for r in page:
+            out[r.data.tags[TAG_KEY]] = r
+        token = page.token
+        if not token:
+            return out
+
+
+def git_commit() -> str:
+    try:
+        here = Path(__file__).resolve().parent
+        return subprocess.run(["git", "-C", str(here), "rev-parse", "--short", "HEAD"],
+                              capture_output=True, text=True, timeout=5).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    out: dict[str, str] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = str(v)[:6000]
+    return out
+
+
+class TrialRun:
+    """The one MLflow run of one trial: found by id or tag, created only if neither exists."""
+
+    def __init__(self, uri: str, experiment_id: str, key: str) -> None:
+        self.uri, self.experiment_id, self.key = uri, experiment_id, key
+        self.client = client(uri)
+        self.run_id: str | None = None
+
+    def find(self) -> Any | None:
+        runs = self.client.search_runs([self.experiment_id],
+                                       filter_string=f"tags.`{TAG_KEY}` = '{self.key}'",
+                                       max_results=5)
+        trial_runs = [r for r in runs if r.data.tags.get(TAG_ROLE) == "trial"]
+        return min(trial_runs, key=lambda r: r.info.start_time) if trial_runs else None
+
+    def open(self, *, run_id: str | None, name: str, tags: Mapping[str, str],
+             params: Mapping[str, Any]) -> str:
+        """Reopen ``run_id`` (from the checkpoint) or the run tagged with the key; else create."""
+        run = None
+        if run_id:
+            try:
+                run = self.client.get_run(run_id)
+            except MlflowException:
+                run = None
+        if run is None:
+            run = self.find()
+        if run is None:
+            run = self.client.create_run(self.experiment_id, run_name=name,
+                                         tags={**tags, TAG_KEY: self.key, TAG_ROLE: "trial",
+                                               TAG_STATUS: "running"})
+            flat = flatten(params)
+            items = [Param(k, v) for k, v in flat.items()]
+            for i in range(0, len(items), 100):
+                self.client.log_batch(run.info.run_id, params=items[i:i + 100])
+        else:
+            self.client.update_run(run.info.run_id, status="RUNNING")
+        self.run_id = run.info.run_id
+        import socket
+
+        self.set_tags({"nasrisk.host": socket.gethostname(), "nasrisk.pid": str(os.getpid()),
+                       TAG_STATUS: "running"})
+        return self.run_id
+
+    def is_done(self) -> bool:
+        assert self.run_id
+        return self.client.get_run(self.run_id).data.tags.get(TAG_STATUS) == "done"
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        import time
+
+        ts = int(time.time() * 1000)
+        items = [Metric(k, float(v), ts, step or 0) for k, v in metrics.items()
+                 if _is_number(v)]
+        for i in range(0, len(items), 500):
+            self.client.log_batch(self.run_id, metrics=items[i:i + 500])
+
+    def log_artifacts(self, directory: Path) -> None:
+        if Path(directory).is_dir() and any(Path(directory).iterdir()):
+            self.client.log_artifacts(self.run_id, str(directory))
+
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def finish(self, metrics: Mapping[str, float]) -> None:
+        self.log_metrics(metrics)
+        self.set_tags({TAG_STATUS: "done"})
+        self.client.set_terminated(self.run_id, status="FINISHED")
+
+    def fail(self, message: str) -> None:
+        self.set_tags({TAG_STATUS: "failed", "nasrisk.error": message[:4000]})
+        self.client.set_terminated(self.run_id, status="FAILED")
+
+
+def _is_number(v: Any) -> bool:
+    """Numbers and numeric scalars (numpy, 0-d tensors); not bools or strings."""
+    if isinstance(v, (bool, str)):
+        return False
+    try:
+        float(v)
+    except (TypeError, ValueError):
+        return False
+    return True

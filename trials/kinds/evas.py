@@ -1,0 +1,144 @@
+"""The EVAS trial (PROTOCOLS 5, correlation study): one NATS-Bench arch ->
+kappa scores (generator / arch / bare variants, TE-NAS extra) -> train the arch on clean data
+-> train the input-aware trigger generator against the frozen arch -> ACC, ASR.
+
+Deviations: ACC/ASR come from our own training of each arch (``train``; the NATS-Bench recipe
+at the `paper` profile), not from NATS-Bench's official trained weights, which need the
+benchmark files (PROTOCOLS 3 allows both; the official-weights path is not built yet).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from ..backdoor.input_aware import GeneratorConfig, save_trigger_examples, train_generator
+from ..context import TrialContext
+from ..data import dataset_info, load_dataset, to_float
+from ..data.augment import augment
+from ..metrics.ntk import kappa_scores, te_nas_score
+from ..models.generator import TriggerGenerator
+from ..models.nats.arch_string import op_counts, parse_arch
+from ..models.nats.network import TinyNetwork
+from ..models.wrapper import Normalized
+from ..registry import DATASETS, TRIAL_KINDS
+from ..train import NATS_RECIPE, TrainConfig, train
+
+STRICT = ConfigDict(extra="forbid", frozen=True)
+
+
+class KappaConfig(BaseModel):
+    """How kappa is scored (PROTOCOLS 5 "Score kappa")."""
+
+    model_config = STRICT
+    batch_size: int = Field(96, ge=2)
+    n_init: int = Field(3, ge=1)
+    variants: tuple[Literal["generator", "arch", "bare"], ...] = ("generator", "arch", "bare")
+    bn_mode: Literal["fixed-stats", "coupled"] = "fixed-stats"
+    te_nas: bool = True
+
+
+class EvasConfig(BaseModel):
+    """One EVAS trial. ``max_train_examples`` / ``max_test_examples`` shrink the data at the
+    `smoke` profile (sizes only; what is computed is the same)."""
+
+    model_config = STRICT
+    arch: str
+    dataset: str = "cifar10"
+    C: int = Field(16, ge=1)
+    N: int = Field(5, ge=1)
+    params: Literal["paper", "artifact"] = "paper"
+    seed: int = 0
+    train: TrainConfig = NATS_RECIPE
+    generator: GeneratorConfig = GeneratorConfig()
+    kappa: KappaConfig = KappaConfig()
+    max_train_examples: int | None = Field(None, ge=1)
+    max_test_examples: int | None = Field(None, ge=1)
+    generator_train_examples: int | None = Field(None, ge=1)
+
+    @field_validator("arch")
+    @classmethod
+    def _arch(cls, v: str) -> str:
+        parse_arch(v)  # raises ArchStringError naming the problem
+        return v
+
+    @field_validator("dataset")
+    @classmethod
+    def _dataset(cls, v: str) -> str:
+        if v not in DATASETS:
+            raise ValueError(f"unknown dataset {v!r}; valid: {', '.join(DATASETS.names())}")
+        return v
+
+
+def _classifier_builder(cfg: EvasConfig):
+    info = dataset_info(cfg.dataset)
+
+    def build() -> torch.nn.Module:
+        net = TinyNetwork(cfg.arch, C=cfg.C, N=cfg.N, num_classes=info.num_classes)
+        return Normalized(net, info.mean, info.std)
+
+    return build
+
+
+def run_evas(config: dict, ctx: TrialContext) -> dict[str, float]:
+    cfg = EvasConfig.model_validate(config)
+    data = load_dataset(cfg.dataset, root=ctx.data_root, download=ctx.download)
+    data = data.subset(cfg.max_train_examples, cfg.max_test_examples)
+    build = _classifier_builder(cfg)
+    out: dict[str, float] = {}
+
+    # 1. kappa on one augmented training batch (seeded), median over re-initialisations
+    scores = ctx.load_state("kappa")
+    if scores is None:
+        t0 = time.perf_counter()
+        gen = torch.Generator().manual_seed(cfg.seed)
+        idx = torch.randperm(len(data.y_train), generator=gen)[: cfg.kappa.batch_size]
+        x = augment(to_float(data.x_train[idx]), "crop_flip", generator=gen).to(ctx.device)
+        scores = dict(kappa_scores(build, x, build_generator=TriggerGenerator,
+                                   variants=cfg.kappa.variants, n_init=cfg.kappa.n_init,
+                                   seed=cfg.seed, bn_mode=cfg.kappa.bn_mode))
+        if cfg.kappa.te_nas:
+            torch.manual_seed(cfg.seed)
+            scores["te_nas"] = float(te_nas_score(build().to(ctx.device), x))
+        scores["time_kappa_s"] = time.perf_counter() - t0
+        ctx.save_state("kappa", scores, metrics={k: v for k, v in scores.items()
+                                                  if v == v and abs(v) != float("inf")})
+    out.update(scores)
+    ctx.progress(f"kappa done: { {k: round(v, 3) for k, v in scores.items()} }")
+
+    # 2. train the arch on clean data (epoch checkpoints through ctx)
+    torch.manual_seed(cfg.seed)
+    model = build().to(ctx.device)
+    res = train(model, data, cfg.train, seed=cfg.seed, ctx=ctx, state_key="train",
+                metric_prefix="train_")
+    out["clean_acc"] = res["test_acc"]
+    out["time_train_s"] = res["seconds"]
+
+    # 3. the input-aware trigger generator against the frozen arch
+    gdata = data.subset(cfg.generator_train_examples, None)
+    g = train_generator(model, gdata, cfg.generator, seed=cfg.seed, ctx=ctx,
+                        state_key="generator")
+    out["acc"] = g["acc"]
+    out["asr"] = g["asr"]
+    out["time_generator_s"] = g["seconds"]
+    if "generator" in g:
+        save_trigger_examples(g["generator"], data.x_test[:8], ctx.artifact_dir / "triggers.png")
+    return out
+
+
+def extra_params(cfg: EvasConfig) -> dict[str, object]:
+    """Logged beside the config: op counts of the arch (PROTOCOLS 1.1)."""
+    return {f"ops.{k}": v for k, v in op_counts(cfg.arch).items()}
+
+
+def trial_name(cfg: EvasConfig) -> str:
+    return f"{cfg.arch} {cfg.dataset}"
+
+
+run_evas.config_model = EvasConfig
+run_evas.extra_params = extra_params
+run_evas.trial_name = trial_name
+TRIAL_KINDS.register("evas", run_evas)
