@@ -108,7 +108,7 @@ def _trainable(runtime: dict[str, Any]):
 
 def _run_stage(plan: StudyPlan, stage: StagePlan, *, uri: str, exp_id: str, wd: Workdir,
                data_root: Path, download: bool, record: dict[str, Any],
-               restore: bool) -> StageOutcome:
+               restore: bool, address: str | None) -> StageOutcome:
     from ray import tune
 
     t0 = time.time()
@@ -126,6 +126,7 @@ def _run_stage(plan: StudyPlan, stage: StagePlan, *, uri: str, exp_id: str, wd: 
             print(f"[{label}] restoring Tune experiment {path} ({todo} trials not done)",
                   flush=True)
             if todo:
+                init_ray(address)
                 tuner = tune.Tuner.restore(str(path), trainable=_trainable(runtime),
                                            resume_unfinished=True, resume_errored=True)
                 tuner.fit()
@@ -137,6 +138,7 @@ def _run_stage(plan: StudyPlan, stage: StagePlan, *, uri: str, exp_id: str, wd: 
         print(f"[{label}] {skipped} of {len(stage.trials)} trials already done in MLflow; "
               "not rerunning them", flush=True)
     if todo:
+        init_ray(address)
         exp_name = f"{plan.spec.name}.{name}.{len(exps) + 1}"
         exps.append(exp_name)
         wd.save_run_record(plan.spec.name, record)
@@ -145,7 +147,7 @@ def _run_stage(plan: StudyPlan, stage: StagePlan, *, uri: str, exp_id: str, wd: 
         tuner = tune.Tuner(
             _trainable(runtime),
             param_space={"trial": tune.grid_search(payload)},
-            tune_config=tune.TuneConfig(reuse_actors=True, trial_name_creator=trial_name,
+            tune_config=tune.TuneConfig(reuse_actors=_reuse_actors(), trial_name_creator=trial_name,
                                         trial_dirname_creator=trial_dirname),
             run_config=tune.RunConfig(
                 name=exp_name, storage_path=str(wd.tune), verbose=0,
@@ -159,6 +161,12 @@ def _run_stage(plan: StudyPlan, stage: StagePlan, *, uri: str, exp_id: str, wd: 
     failed = [t.name for t in stage.trials if t.key not in now_done]
     return StageOutcome(name, len(stage.trials), skipped, len(now_done) - skipped, failed,
                         time.time() - t0)
+
+
+def _reuse_actors() -> bool:
+    """Actor reuse saves Ray's per-trial start-up (bench/bench_runner.py measures it);
+    NASRISK_REUSE_ACTORS=0 turns it off, e.g. to isolate a leaking trial kind."""
+    return os.environ.get("NASRISK_REUSE_ACTORS", "1") != "0"
 
 
 def _progress(label: str, total: int, skipped: int):
@@ -189,11 +197,11 @@ def run_study(plan: StudyPlan, *, workdir: str | Path | None = None,
         "data_root": str(data), "download": download,
     })
     wd.save_run_record(plan.spec.name, record)
-    init_ray(address)
     outcomes = []
     for stage in plan.stages:
         out = _run_stage(plan, stage, uri=uri, exp_id=exp_id, wd=wd, data_root=data,
-                         download=download, record=record, restore=restore)
+                         download=download, record=record, restore=restore,
+                         address=address)
         wd.save_run_record(plan.spec.name, record)
         outcomes.append(out)
         if out.failed:

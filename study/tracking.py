@@ -13,6 +13,7 @@ use of a fresh SQLite store races in alembic).
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 from collections.abc import Mapping
 from pathlib import Path
@@ -130,11 +131,10 @@ class TrialRun:
             items = [Param(k, v) for k, v in flat.items()]
             for i in range(0, len(items), 100):
                 self.client.log_batch(run.info.run_id, params=items[i:i + 100])
-        else:
-            self.client.update_run(run.info.run_id, status="RUNNING")
         self.run_id = run.info.run_id
-        import socket
-
+        if run.data.tags.get(TAG_STATUS) == "done":
+            return self.run_id  # finished: leave it exactly as it is
+        self.client.update_run(self.run_id, status="RUNNING")
         self.set_tags({"nasrisk.host": socket.gethostname(), "nasrisk.pid": str(os.getpid()),
                        TAG_STATUS: "running"})
         return self.run_id

@@ -1,0 +1,37 @@
+# Two commands do all set-up on a fresh machine:
+#   make demo   installs everything, runs the EVAS kappa study (smoke profile, embedded data) and its report
+#   make test   installs everything and runs the test suite (what CI runs)
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: install demo test test-slow bench lint clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/nasrisk run evas-kappa --profile smoke
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -m "not slow and not gpu" -q
+
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -m "slow" -q
+
+bench: $(STAMP)
+	$(BIN)/python bench/bench_runner.py
+	$(BIN)/python bench/bench_kappa.py
+	$(BIN)/python bench/bench_attacks.py
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+clean:
+	rm -rf nasrisk-runs .pytest_cache

@@ -1,0 +1,19 @@
+"""trials/ is plain PyTorch: it never imports ray or mlflow (study/ wraps trials)."""
+
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_trials_never_import_ray_or_mlflow():
+    pat = re.compile(r"^\s*(import|from)\s+(ray|mlflow)\b", re.M)
+    offenders = [str(p) for p in (ROOT / "trials").rglob("*.py") if pat.search(p.read_text())]
+    assert offenders == []
+
+
+def test_no_unsafe_loading_in_the_product():
+    pat = re.compile(r"torch\.load\((?![^)]*weights_only=True)")
+    offenders = [str(p) for d in ("trials", "study", "analysis")
+                 for p in (ROOT / d).rglob("*.py") if pat.search(p.read_text())]
+    assert offenders == []

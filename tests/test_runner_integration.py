@@ -1,0 +1,133 @@
+"""Real Ray, real MLflow: one run per trial, resume after the driver is SIGKILLed, a killed
+worker retried from its last epoch. Uses the trivial `calibrate` kind so the runner, not the
+models, is what is tested (the EVAS study runs end to end in test_evas_study.py)."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import pytest
+import yaml
+
+NASRISK = [sys.executable, "-m", "nasrisk.study.cli"]
+
+
+def study_file(tmp_path, n, epochs, seconds, name="probe-study"):
+    d = {"name": name, "default_profile": "smoke",
+         "stages": [{"name": "probe", "kind": "calibrate",
+                     "config": {"epochs": epochs, "size": 16, "seconds_per_epoch": seconds},
+                     "grid": {"index": list(range(n))}}],
+         "profiles": {"smoke": {}}}
+    p = tmp_path / f"{name}.yaml"
+    p.write_text(yaml.safe_dump(d))
+    return str(p)
+
+
+def trial_runs(wd, name):
+    # run.json is written after the driver created the store: reading earlier would race the
+    # driver's schema migration
+    if not (Path(wd) / "studies" / name / "run.json").exists():
+        return []
+    c = mlflow.MlflowClient(f"sqlite:///{wd}/mlflow.db")
+    exp = c.get_experiment_by_name(name)
+    if exp is None:
+        return []
+    return [r for r in c.search_runs([exp.experiment_id], max_results=1000)
+            if r.data.tags.get("nasrisk.role") == "trial"]
+
+
+def wait_for(cond, timeout, what):
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        v = cond()
+        if v:
+            return v
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def run(args, cwd, timeout=400):
+    p = subprocess.run(NASRISK + args, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    return p.stdout
+
+
+def test_one_run_per_trial_and_rerun_skips_done(tmp_path):
+    f = study_file(tmp_path, 4, 2, 0.0)
+    wd = tmp_path / "wd"
+    out = run(["run", f, "--workdir", str(wd)], tmp_path)
+    assert "4/4 done" in out and "mlflow ui --backend-store-uri" in out
+    runs = trial_runs(wd, "probe-study")
+    assert len(runs) == 4
+    assert len({r.data.tags["nasrisk.trial_key"] for r in runs}) == 4
+    for r in runs:
+        assert r.info.status == "FINISHED" and r.data.tags["nasrisk.status"] == "done"
+        assert r.data.metrics["epochs_run"] == 2 and r.data.params["kind"] == "calibrate"
+    out = run(["run", f, "--workdir", str(wd)], tmp_path)
+    assert "4 of 4 trials already done in MLflow" in out
+    assert len(trial_runs(wd, "probe-study")) == 4
+
+
+def test_driver_sigkill_then_resume(tmp_path):
+    f = study_file(tmp_path, 6, 3, 0.7, name="killed-study")
+    wd = tmp_path / "wd"
+    drv = subprocess.Popen(NASRISK + ["run", f, "--workdir", str(wd)], cwd=tmp_path,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        def two_done():
+            return [r for r in trial_runs(wd, "killed-study")
+                    if r.data.tags.get("nasrisk.status") == "done"][:2]
+        wait_for(lambda: len(two_done()) >= 2 and two_done(), 240, "two finished trials")
+        before = {r.data.tags["nasrisk.trial_key"]: r.info.end_time
+                  for r in trial_runs(wd, "killed-study") if r.data.tags.get("nasrisk.status") == "done"}
+        os.kill(drv.pid, signal.SIGKILL)
+        drv.wait(30)
+    finally:
+        if drv.poll() is None:
+            drv.kill()
+    assert 2 <= len(before) < 6
+    time.sleep(2)
+    out = run(["resume", "killed-study", "--workdir", str(wd)], tmp_path)
+    assert "6/6 done" in out, out
+    runs = trial_runs(wd, "killed-study")
+    keys = [r.data.tags["nasrisk.trial_key"] for r in runs]
+    assert len(runs) == 6 and len(set(keys)) == 6          # exactly one MLflow run per trial
+    for r in runs:
+        assert r.data.tags["nasrisk.status"] == "done"
+        k = r.data.tags["nasrisk.trial_key"]
+        if k in before:                                     # finished trials were not rerun
+            assert r.info.end_time == before[k]
+            assert r.data.metrics["attempts"] == 1
+
+
+def test_killed_worker_is_retried_from_its_last_epoch(tmp_path):
+    f = study_file(tmp_path, 1, 5, 1.5, name="worker-kill")
+    wd = tmp_path / "wd"
+    drv = subprocess.Popen(NASRISK + ["run", f, "--workdir", str(wd), "--max-failures", "2"],
+                           cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        def at_epoch_2():
+            for r in trial_runs(wd, "worker-kill"):
+                c = mlflow.MlflowClient(f"sqlite:///{wd}/mlflow.db")
+                steps = [m.step for m in c.get_metric_history(r.info.run_id, "value")]
+                if steps and max(steps) >= 2:
+                    return r
+            return None
+        r = wait_for(at_epoch_2, 240, "epoch 2 of the trial")
+        os.kill(int(r.data.tags["nasrisk.pid"]), signal.SIGKILL)
+        out, _ = drv.communicate(timeout=300)
+    finally:
+        if drv.poll() is None:
+            drv.kill()
+    assert drv.returncode == 0, out[-3000:]
+    runs = trial_runs(wd, "worker-kill")
+    assert len(runs) == 1                                   # the retry reopened the same run
+    m = runs[0].data.metrics
+    assert m["attempts"] == 2
+    assert m["resumed_from_epoch"] >= 2                     # continued from its checkpoint ...
+    assert m["epochs_run"] == 5 - m["resumed_from_epoch"]   # ... and did only the rest
+    assert runs[0].data.tags["nasrisk.status"] == "done"

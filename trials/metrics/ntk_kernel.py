@@ -1,0 +1,265 @@
+"""The NTK kernels behind kappa (PROTOCOLS 5, "Score kappa", "BatchNorm while scoring",
+"Precision"): BatchNorm handling, parameter-set selection, and the C x C (per-logit) and
+N x N (TE-NAS) kernels, vectorised with :mod:`torch.func`.
+
+Two BatchNorm semantics (PROTOCOLS 5, "BatchNorm while scoring"):
+
+* ``fixed-stats``: the statistics of every BatchNorm layer are computed on the scoring batch
+  (one train-mode forward) and then held fixed, so each sample's Jacobian is its own and the
+  samples are vectorised with ``vmap(jacrev(...))``.
+* ``coupled``: the whole batch's output in train mode, so each Jacobian also flows through the
+  batch statistics (the EVAS reference's semantics); one forward, then N x C vector-Jacobian
+  products of the batch output, vectorised over cotangents.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Iterator
+from typing import Literal
+
+import torch
+from torch import nn
+from torch.func import functional_call, jacrev, vjp, vmap
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.conv import _ConvNd
+
+from ..errors import UserError
+
+BNMode = Literal["fixed-stats", "coupled"]
+ParamSet = Literal["generator", "arch", "all"]
+ParamFilter = Callable[[str, torch.Tensor], bool]
+
+BN_MODES: tuple[str, ...] = ("fixed-stats", "coupled")
+PARAM_SETS: tuple[str, ...] = ("generator", "arch", "all")
+
+# Bytes of float32 Jacobian rows held at once before the kernel is accumulated; bounds memory
+# for large parameter sets (the EVAS generator has ~10^6 weights).
+_JACOBIAN_BUDGET_BYTES = 256 * 2**20
+
+
+class Composed(nn.Module):
+    """``classifier(generator(x))``, or ``classifier(x)`` without a generator. Parameter names
+    are prefixed ``generator.`` / ``classifier.``."""
+
+    def __init__(self, classifier: nn.Module, generator: nn.Module | None = None) -> None:
+        super().__init__()
+        self.classifier = classifier
+        self.generator = generator
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.generator is not None:
+            x = self.generator(x)
+        return self.classifier(x)
+
+
+def _batchnorms(module: nn.Module) -> Iterator[_BatchNorm]:
+    return (m for m in module.modules() if isinstance(m, _BatchNorm))
+
+
+def _bn_train_only(module: nn.Module) -> None:
+    """BatchNorm layers in train mode, everything else (dropout, ...) in eval mode, so the
+    score is deterministic."""
+    module.eval()
+    for bn in _batchnorms(module):
+        bn.train()
+
+
+def freeze_batch_stats(module: nn.Module, x: torch.Tensor) -> nn.Module:
+    """A copy of ``module`` in eval mode whose BatchNorm layers normalise with the statistics of
+    the batch ``x`` (``fixed-stats``): ``copy(x) == module.train()(x)``, but the copy is
+    per-sample, so Jacobians can be vectorised over samples. ``module`` is not modified.
+
+    The statistics are obtained with BatchNorm's own running-stat update (momentum ``None``,
+    i.e. a cumulative average, after a reset: exactly the batch's statistics). BatchNorm stores
+    the *unbiased* variance in ``running_var`` but normalises in train mode with the *biased*
+    one, so ``running_var`` is rescaled by ``(n - 1) / n``, ``n`` the number of values per
+    channel. Layers built with ``track_running_stats=False`` get buffers in the copy.
+
+    Raises ``UserError`` if a BatchNorm layer is applied more than once per forward (its
+    statistics would be an average over the calls, not the batch's).
+    """
+    frozen = copy.deepcopy(module)
+    seen: dict[int, list[int]] = {}  # id(bn) -> [values per channel, calls]
+    handles = []
+    for bn in _batchnorms(frozen):
+        if bn.running_mean is None:
+            like = bn.weight if bn.weight is not None else x
+            kw = {"dtype": like.dtype, "device": like.device}
+            bn.register_buffer("running_mean", torch.zeros(bn.num_features, **kw))
+            bn.register_buffer("running_var", torch.ones(bn.num_features, **kw))
+            bn.register_buffer("num_batches_tracked", torch.tensor(0, device=like.device))
+            bn.track_running_stats = True
+        bn.reset_running_stats()
+        bn.momentum = None
+        seen[id(bn)] = [0, 0]
+
+        def count(m: nn.Module, args: tuple) -> None:
+            seen[id(m)][0] = args[0].numel() // args[0].shape[1]
+            seen[id(m)][1] += 1
+
+        handles.append(bn.register_forward_pre_hook(count))
+    _bn_train_only(frozen)
+    with torch.no_grad():
+        frozen(x)
+    for h in handles:
+        h.remove()
+    for bn in _batchnorms(frozen):
+        n, calls = seen[id(bn)]
+        if calls > 1:
+            raise UserError(
+                f"a BatchNorm layer ({bn}) is applied {calls} times per forward; fixed-stats "
+                "scoring needs each BatchNorm applied once (use bn_mode='coupled')"
+            )
+        if calls == 1:
+            bn.running_var.mul_((n - 1) / n)
+    frozen.eval()
+    return frozen
+
+
+def coupled_copy(module: nn.Module) -> nn.Module:
+    """A copy of ``module`` whose BatchNorm layers use the batch statistics of whatever batch
+    they see (train mode) without touching running statistics (``coupled``)."""
+    coupled = copy.deepcopy(module)
+    _bn_train_only(coupled)
+    for bn in _batchnorms(coupled):
+        bn.track_running_stats = False
+    return coupled
+
+
+def arch_weight_names(classifier: nn.Module, *, prefix: str = "") -> list[str]:
+    """Names of the classifier's weight tensors (PROTOCOLS 5, ``arch``): those returned by
+    ``classifier.arch_weight_parameters()`` when it exists, else conv and linear weights and
+    biases and BatchNorm gammas."""
+    names = {id(p): n for n, p in classifier.named_parameters()}
+    getter = getattr(classifier, "arch_weight_parameters", None)
+    if callable(getter):
+        chosen = [names[id(p)] for p in getter() if id(p) in names]
+    else:
+        chosen = []
+        for mname, m in classifier.named_modules():
+            keys = ("weight", "bias") if isinstance(m, _ConvNd | nn.Linear) else ("weight",) if isinstance(m, _BatchNorm) else ()
+            for k in keys:
+                p = m._parameters.get(k)
+                if p is not None and id(p) in names:
+                    chosen.append(names[id(p)])
+        chosen = list(dict.fromkeys(chosen))  # shared modules appear once
+    return [prefix + n for n in chosen]
+
+
+def select_params(
+    composed: Composed, params: ParamSet, param_filter: ParamFilter | None = None
+) -> list[str]:
+    """Names (in ``composed``) of the parameter set to differentiate, after ``param_filter``
+    (called with the prefixed name and the tensor)."""
+    if params not in PARAM_SETS:
+        raise UserError(f"unknown parameter set {params!r}; valid: {', '.join(PARAM_SETS)}")
+    if params == "generator":
+        if composed.generator is None:
+            raise UserError("params='generator' needs a generator")
+        names = [n for n, _ in composed.named_parameters() if n.startswith("generator.")]
+    elif params == "arch":
+        names = arch_weight_names(composed.classifier, prefix="classifier.")
+    else:
+        names = [n for n, _ in composed.named_parameters()]
+    if param_filter is not None:
+        table = dict(composed.named_parameters())
+        names = [n for n in names if param_filter(n, table[n])]
+    if not names:
+        raise UserError(f"the parameter set {params!r} is empty")
+    return names
+
+
+def _split(module: nn.Module, names: list[str]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(differentiated parameters, everything else detached) for ``functional_call``."""
+    state = {**dict(module.named_parameters()), **dict(module.named_buffers())}
+    primal = {n: state[n].detach() for n in names}
+    rest = {n: t.detach() for n, t in state.items() if n not in primal}
+    return primal, rest
+
+
+def _n_params(primal: dict[str, torch.Tensor]) -> int:
+    return sum(t.numel() for t in primal.values())
+
+
+def _flat_rows(jac: dict[str, torch.Tensor], lead: int) -> torch.Tensor:
+    """Concatenate per-parameter Jacobians ``(*lead_shape, *param_shape)`` into ``(..., P)``."""
+    return torch.cat([j.reshape(*j.shape[:lead], -1) for j in jac.values()], dim=-1)
+
+
+def logit_kernel(
+    module: nn.Module,
+    x: torch.Tensor,
+    names: list[str],
+    *,
+    bn_mode: BNMode = "fixed-stats",
+    kernel_dtype: torch.dtype = torch.float64,
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    """``K = mean_n J_n J_n^T`` (C x C), ``J_n`` the Jacobian of the C logits of
+    ``module(x)[n]`` w.r.t. the parameters ``names`` (PROTOCOLS 5, Eq. 6 of the EVAS paper).
+
+    ``J`` is computed in the module's dtype; ``K`` is accumulated in ``kernel_dtype`` (float64 by
+    default, PROTOCOLS 5 "Precision"). ``chunk_size`` samples are processed at once (default:
+    as many as fit a 256 MiB Jacobian). ``module`` is not modified.
+    """
+    if bn_mode not in BN_MODES:
+        raise UserError(f"unknown bn_mode {bn_mode!r}; valid: {', '.join(BN_MODES)}")
+    scored = freeze_batch_stats(module, x) if bn_mode == "fixed-stats" else coupled_copy(module)
+    primal, rest = _split(scored, names)
+    n = x.shape[0]
+    if bn_mode == "fixed-stats":
+        with torch.no_grad():
+            c = scored(x[:1]).shape[-1]
+    else:
+        out, pullback = vjp(lambda p: functional_call(scored, {**rest, **p}, (x,)), primal)
+        c = out.shape[-1]
+    if chunk_size is None:
+        chunk_size = max(1, _JACOBIAN_BUDGET_BYTES // (c * _n_params(primal) * x.element_size()))
+    kernel = torch.zeros(c, c, dtype=kernel_dtype, device=x.device)
+
+    if bn_mode == "fixed-stats":
+        def one(p: dict[str, torch.Tensor], xi: torch.Tensor) -> torch.Tensor:
+            return functional_call(scored, {**rest, **p}, (xi.unsqueeze(0),)).squeeze(0)
+
+        per_sample = vmap(jacrev(one), in_dims=(None, 0))
+        for start in range(0, n, chunk_size):
+            rows = _flat_rows(per_sample(primal, x[start:start + chunk_size]), 2).to(kernel_dtype)
+            kernel += torch.einsum("ncp,ndp->cd", rows, rows)
+    else:
+        eye = torch.eye(n * c, dtype=out.dtype, device=out.device).view(n * c, n, c)
+        for start in range(0, n, chunk_size):
+            stop = min(n, start + chunk_size)
+            (jac,) = vmap(pullback)(eye[start * c:stop * c])
+            rows = _flat_rows(jac, 1).view(stop - start, c, -1).to(kernel_dtype)
+            kernel += torch.einsum("ncp,ndp->cd", rows, rows)
+    return kernel / n
+
+
+def sample_kernel(
+    module: nn.Module,
+    x: torch.Tensor,
+    names: list[str],
+    *,
+    bn_mode: BNMode = "coupled",
+    kernel_dtype: torch.dtype = torch.float64,
+) -> torch.Tensor:
+    """TE-NAS's NTK (Chen et al., ICLR 2021, Eq. 3 with summed logits as their code does):
+    ``K[i, j] = <g_i, g_j>``, ``g_i`` the gradient of ``sum_c module(x)[i, c]`` w.r.t. the
+    parameters ``names`` (N x N). Holds all N gradients at once (N x P floats)."""
+    if bn_mode not in BN_MODES:
+        raise UserError(f"unknown bn_mode {bn_mode!r}; valid: {', '.join(BN_MODES)}")
+    scored = freeze_batch_stats(module, x) if bn_mode == "fixed-stats" else coupled_copy(module)
+    primal, rest = _split(scored, names)
+    if bn_mode == "fixed-stats":
+        def one(p: dict[str, torch.Tensor], xi: torch.Tensor) -> torch.Tensor:
+            return functional_call(scored, {**rest, **p}, (xi.unsqueeze(0),)).sum()
+
+        grads = vmap(torch.func.grad(one), in_dims=(None, 0))(primal, x)
+    else:
+        out, pullback = vjp(lambda p: functional_call(scored, {**rest, **p}, (x,)), primal)
+        n = x.shape[0]
+        cot = torch.eye(n, dtype=out.dtype, device=out.device)[:, :, None].expand(n, n, out.shape[-1])
+        (grads,) = vmap(pullback)(cot)
+    rows = _flat_rows(grads, 1).to(kernel_dtype)
+    return rows @ rows.T
