@@ -45,8 +45,11 @@ def reference_kernel(classifier: torch.nn.Module, x: torch.Tensor) -> torch.Tens
     composed = Composed(classifier).train()
     names = arch_weight_names(classifier, prefix="classifier.")
     state = dict(composed.named_parameters())
-    rest = {k: v.detach() for k, v in {**state, **dict(composed.named_buffers())}.items()
-            if k not in names}
+    rest = {
+        k: v.detach()
+        for k, v in {**state, **dict(composed.named_buffers())}.items()
+        if k not in names
+    }
     for m in composed.modules():  # batch statistics without touching running stats
         if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
             m.track_running_stats = False
@@ -54,8 +57,9 @@ def reference_kernel(classifier: torch.nn.Module, x: torch.Tensor) -> torch.Tens
     n = x.shape[0]
     k = None
     for i in range(n):
+
         def row(*ps: torch.Tensor, i: int = i) -> torch.Tensor:
-            return functional_call(composed, {**rest, **dict(zip(names, ps))}, (x,))[i]
+            return functional_call(composed, {**rest, **dict(zip(names, ps, strict=True))}, (x,))[i]
 
         jac = torch.autograd.functional.jacobian(row, params)
         j = torch.cat([t.reshape(t.shape[0], -1) for t in jac], dim=1).double()
@@ -93,13 +97,17 @@ def main() -> None:
         net = TinyNetwork(arch, C=args.C, N=args.N, num_classes=data.info.num_classes)
         return Normalized(net, data.info.mean, data.info.std)
 
-    print(f"machine: {platform.machine()} {platform.processor() or ''} cpu_count={os.cpu_count()} "
-          f"torch_threads={torch.get_num_threads()} torch={torch.__version__} python={platform.python_version()}")
+    print(
+        f"machine: {platform.machine()} {platform.processor() or ''} cpu_count={os.cpu_count()} "
+        f"torch_threads={torch.get_num_threads()} torch={torch.__version__} python={platform.python_version()}"
+    )
     net = build(REFERENCE_ARCH, args.seed)
     names = arch_weight_names(net, prefix="classifier.")
     n_par = sum(dict(Composed(net).named_parameters())[k].numel() for k in names)
-    print(f"net: NATS C={args.C} N={args.N} {REFERENCE_ARCH}; arch weights P={n_par}; "
-          f"batch N={args.batch}, logits C={data.info.num_classes}")
+    print(
+        f"net: NATS C={args.C} N={args.N} {REFERENCE_ARCH}; arch weights P={n_par}; "
+        f"batch N={args.batch}, logits C={data.info.num_classes}"
+    )
 
     # warm-up (functorch dispatch, allocator) so the first timed call is not penalised
     kappa(net, x[:4], params="arch", bn_mode="fixed-stats")
@@ -109,9 +117,15 @@ def main() -> None:
     t_fix, r_fix = timed(lambda: kappa(net, x, params="arch", bn_mode="fixed-stats"), args.repeats)
     kap_ref = condition_number(k_ref).kappa
     print("\n== speed (arch weights, min of repeats) ==")
-    print(f"reference loop (autograd.functional.jacobian per sample, coupled): {t_ref:8.3f} s  kappa={kap_ref:.6g}")
-    print(f"ours coupled     (vjp + vmap over N*C cotangents):                  {t_cpl:8.3f} s  kappa={r_cpl.kappa:.6g}")
-    print(f"ours fixed-stats (vmap(jacrev) over samples):                       {t_fix:8.3f} s  kappa={r_fix.kappa:.6g}")
+    print(
+        f"reference loop (autograd.functional.jacobian per sample, coupled): {t_ref:8.3f} s  kappa={kap_ref:.6g}"
+    )
+    print(
+        f"ours coupled     (vjp + vmap over N*C cotangents):                  {t_cpl:8.3f} s  kappa={r_cpl.kappa:.6g}"
+    )
+    print(
+        f"ours fixed-stats (vmap(jacrev) over samples):                       {t_fix:8.3f} s  kappa={r_fix.kappa:.6g}"
+    )
     print(f"speed-up vs reference: coupled x{t_ref / t_cpl:.1f}, fixed-stats x{t_ref / t_fix:.1f}")
     print(f"ours coupled vs reference kappa: rel diff {abs(r_cpl.kappa - kap_ref) / kap_ref:.2e}")
 
@@ -120,14 +134,17 @@ def main() -> None:
     for mode in ("coupled", "fixed-stats"):
         k64 = logit_kernel(composed, x, names, bn_mode=mode)
         k32 = logit_kernel(composed, x, names, bn_mode=mode, kernel_dtype=torch.float32)
-        gold = logit_kernel(Composed(build(REFERENCE_ARCH, args.seed).double()), x.double(), names,
-                            bn_mode=mode)
+        gold = logit_kernel(
+            Composed(build(REFERENCE_ARCH, args.seed).double()), x.double(), names, bn_mode=mode
+        )
         kap64, kap32 = condition_number(k64).kappa, condition_number(k32).kappa
         kapg = condition_number(gold).kappa
         rel = lambda a, b: float((a.double() - b).norm() / b.norm())  # noqa: E731
-        print(f"{mode:11s}: kernel rel err float32-accumulated {rel(k32, gold):.2e}, "
-              f"float64-accumulated {rel(k64, gold):.2e} (vs an all-float64 model); "
-              f"kappa rel err {abs(kap32 - kapg) / kapg:.2e} vs {abs(kap64 - kapg) / kapg:.2e}")
+        print(
+            f"{mode:11s}: kernel rel err float32-accumulated {rel(k32, gold):.2e}, "
+            f"float64-accumulated {rel(k64, gold):.2e} (vs an all-float64 model); "
+            f"kappa rel err {abs(kap32 - kapg) / kapg:.2e} vs {abs(kap64 - kapg) / kapg:.2e}"
+        )
 
     print(f"\n== BN-mode agreement over {args.archs} random archs (arch weights, no generator) ==")
     fixed, coupled, flagged = [], [], 0
@@ -140,9 +157,15 @@ def main() -> None:
         fixed.append(a.kappa)
         coupled.append(b.kappa)
     rho = spearmanr(fixed, coupled).statistic
-    ratios = [b / a for a, b in zip(fixed, coupled) if a != float("inf") and b != float("inf")]
-    print(f"Spearman(fixed-stats, coupled) = {rho:.3f}; median kappa ratio coupled/fixed = "
-          f"{statistics.median(ratios):.3f}; flagged archs {flagged}; {time.perf_counter() - t0:.1f} s")
+    ratios = [
+        b / a
+        for a, b in zip(fixed, coupled, strict=True)
+        if a != float("inf") and b != float("inf")
+    ]
+    print(
+        f"Spearman(fixed-stats, coupled) = {rho:.3f}; median kappa ratio coupled/fixed = "
+        f"{statistics.median(ratios):.3f}; flagged archs {flagged}; {time.perf_counter() - t0:.1f} s"
+    )
 
 
 if __name__ == "__main__":

@@ -1,5 +1,15 @@
 """The cluster set-up of cluster/README.md, for real, on 127.0.0.1 only.
 
+Fast (not slow, no processes started):
+
+* both cluster YAMLs pass Ray's own config preparation and validation (the jsonschema
+  ``ray/autoscaler/ray-schema.json`` and the checks ``ray up`` runs before it contacts any
+  machine or cloud), ship the auth token to every node and start Ray with token auth;
+* every ``ray``/``mlflow``/``nasrisk`` command in cluster/README.md and in the YAMLs, and every
+  option of ``cluster/mlflow-server.sh`` used there, exists in the pinned versions.
+
+Slow (``pytest -m slow``):
+
 * A tracking server started by ``cluster/mlflow-server.sh`` (SQLite backend, proxied
   artifacts, both in a temp folder): ``nasrisk run --tracking-uri http://...`` logs exactly one
   finished run per trial into it, creates the experiment with the server's proxied artifact
@@ -18,9 +28,12 @@ other people's clusters included.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
+import re
 import secrets
+import shlex
 import shutil
 import signal
 import socket
@@ -33,14 +46,15 @@ from collections.abc import Iterator
 from contextlib import ExitStack, closing
 from pathlib import Path
 
+import click
 import mlflow
 import pytest
 import yaml
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]
-
 REPO = Path(__file__).resolve().parents[1]
-SERVER_SCRIPT = REPO / "cluster" / "mlflow-server.sh"
+CLUSTER = REPO / "cluster"
+SERVER_SCRIPT = CLUSTER / "mlflow-server.sh"
+CLUSTER_YAMLS = sorted(CLUSTER.glob("*.yaml"))
 # the venv's bin folder (not resolved: sys.executable may link to the base interpreter);
 # it holds the `nasrisk`, `ray` and `mlflow` console scripts
 BIN = Path(sys.executable).parent
@@ -167,6 +181,137 @@ def run_cmd(args: list[str], env: dict[str, str], timeout: float,
                           timeout=timeout)
 
 
+# ---------------------------------------------------------------- fast: configs and docs
+
+
+def cli_roots() -> dict[str, click.Command]:
+    import typer
+    from mlflow.cli import cli as mlflow_cli
+    from ray.scripts.scripts import cli as ray_cli
+
+    from nasrisk.study.cli import app
+
+    script_opts = re.findall(r"^\s+(--[a-z-]+)(?:\|[^)]*)?\)", SERVER_SCRIPT.read_text(), re.M)
+    script = click.Command("mlflow-server.sh", params=[click.Option([o]) for o in script_opts])
+    return {"ray": ray_cli, "mlflow": mlflow_cli, "nasrisk": typer.main.get_command(app),
+            "cluster/mlflow-server.sh": script, "bash": script}
+
+
+def check_command(tokens: list[str], roots: dict[str, click.Command]) -> list[str]:
+    """Resolve ``tokens`` (one shell command) in the CLIs of ``roots``; assert every
+    subcommand and ``--option`` exists. Returns the commands checked (nested ones included:
+    the entry point after ``--`` and quoted commands, e.g. of ``ray exec``)."""
+    while tokens and (re.fullmatch(r"[A-Z_][A-Z0-9_]*=.*", tokens[0]) or tokens[0] == "nohup"):
+        tokens = tokens[1:]  # VAR=value and nohup prefixes
+    if tokens[:2] == ["bash", str(Path("~/nasrisk-cluster/mlflow-server.sh"))] or (
+            tokens[:1] == ["bash"] and tokens[1:2] and tokens[1].endswith("mlflow-server.sh")):
+        tokens = ["cluster/mlflow-server.sh", *tokens[2:]]
+    if not tokens or tokens[0] not in roots:
+        return []
+    name, cmd, rest = tokens[0], roots[tokens[0]], tokens[1:]
+    path = [name]
+    # duck-typed: typer ships its own copy of click
+    while hasattr(cmd, "get_command") and rest and not rest[0].startswith("-"):
+        sub = cmd.get_command(cmd.context_class(cmd), rest[0])
+        assert sub is not None, f"`{' '.join(path)}` has no command {rest[0]!r}"
+        path.append(rest[0])
+        cmd, rest = sub, rest[1:]
+    opts = {o for p in cmd.params for o in (*p.opts, *p.secondary_opts)}
+    checked = [" ".join(path)]
+    for i, tok in enumerate(rest):
+        if tok == "--":
+            tail = rest[i + 1:]
+            if name == "cluster/mlflow-server.sh":  # passed on to `mlflow server`
+                tail = ["mlflow", "server", *tail]
+            checked += check_command(tail, roots)
+            break
+        if tok.startswith("--"):
+            assert tok.split("=")[0] in opts, f"`{' '.join(path)}` has no option {tok}"
+        elif " " in tok:
+            checked += check_command(shlex.split(tok), roots)
+    return checked
+
+
+def shell_commands(text: str) -> list[list[str]]:
+    """The simple commands of a shell snippet (continuations joined; split at ; & && || | and
+    parentheses, quotes respected)."""
+    out: list[list[str]] = []
+    for line in text.replace("\\\n", " ").splitlines():
+        cur: list[str] = []
+        for tok in shlex.shlex(line, posix=True, punctuation_chars=True):
+            if set(tok) <= set("()|&;"):
+                out.append(cur)
+                cur = []
+            else:
+                cur.append(tok)
+        out.append(cur)
+    return [c for c in out if c]
+
+
+@pytest.mark.parametrize("path", CLUSTER_YAMLS, ids=lambda p: p.name)
+def test_cluster_yaml_passes_rays_validation(path):
+    import jsonschema
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    raw = yaml.safe_load(path.read_text())
+    # what `ray up` does before contacting any machine: fill in the provider's defaults,
+    # then validate against ray/autoscaler/ray-schema.json plus Ray's own consistency checks
+    cfg = prepare_config(copy.deepcopy(raw))
+    validate_config(cfg)
+    head = cfg["available_node_types"][cfg["head_node_type"]]
+    assert "resources" in head and cfg["max_workers"] >= 1
+    with pytest.raises(jsonschema.ValidationError):  # the validation is not vacuous
+        validate_config({**cfg, "head_ips": ["10.0.0.1"]})
+    # token auth: the token reaches every node at Ray's default path, every Ray start uses it
+    assert raw["file_mounts"]["~/.ray/auth_token"] == "~/.ray/auth_token"
+    starts = [c for c in cfg["head_start_ray_commands"] + cfg["worker_start_ray_commands"]
+              if "ray start" in c]
+    assert len(starts) == 2
+    for c in starts:
+        assert "RAY_AUTH_MODE=token" in c and "--port=6379" in c or "--address=" in c
+    assert any("--head" in c for c in starts)
+    # every command the nodes run exists with the options given
+    roots = cli_roots()
+    checked = []
+    for key in ("setup_commands", "head_setup_commands", "head_start_ray_commands",
+                "worker_start_ray_commands"):
+        for c in cfg[key]:
+            for tokens in shell_commands(c):
+                checked += check_command(tokens, roots)
+    assert checked.count("ray start") == 2 and "ray stop" in checked
+    assert "cluster/mlflow-server.sh" in checked
+
+
+def test_readme_commands_exist():
+    text = (CLUSTER / "README.md").read_text()
+    blocks = re.findall(r"```bash\n(.*?)```", text, re.S)
+    roots = cli_roots()
+    checked = [c for b in blocks for tokens in shell_commands(b)
+               for c in check_command(tokens, roots)]
+    for needed in ("ray up", "ray job submit", "ray get-auth-token", "ray exec",
+                   "nasrisk run", "nasrisk resume", "nasrisk report",
+                   "cluster/mlflow-server.sh", "ray start"):
+        assert needed in checked, needed
+    # inline `ray ...` commands in the prose, too
+    for inline in re.findall(r"`((?:ray|nasrisk|mlflow) [^`]*)`", text):
+        check_command(shlex.split(inline.replace("...", "")), roots)
+
+
+def test_mlflow_server_script_rejects_unknown_options():
+    ok = subprocess.run(["bash", str(SERVER_SCRIPT), "--help"], capture_output=True, text=True,
+                        timeout=30)
+    assert ok.returncode == 0 and "--artifacts-destination" in ok.stdout
+    bad = subprocess.run(["bash", str(SERVER_SCRIPT), "--hots", "0.0.0.0"], capture_output=True,
+                         text=True, timeout=30)
+    assert bad.returncode == 2 and "unknown option --hots" in bad.stderr
+    missing = subprocess.run(["bash", str(SERVER_SCRIPT), "--port"], capture_output=True,
+                             text=True, timeout=30)
+    assert missing.returncode == 2 and "--port needs a value" in missing.stderr
+
+
+# ---------------------------------------------------------------- slow: real servers
+
+
 @pytest.fixture(scope="module")
 def mlflow_server(tmp_path_factory) -> Iterator[tuple[str, Path]]:
     """The tracking server of cluster/mlflow-server.sh on a free 127.0.0.1 port:
@@ -196,6 +341,8 @@ def mlflow_server(tmp_path_factory) -> Iterator[tuple[str, Path]]:
         stop(proc, tag)
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(1500)
 def test_study_logs_to_the_tracking_server(mlflow_server, tmp_path):
     uri, home = mlflow_server
     study = study_file(tmp_path / "spec", "server-probe")
@@ -223,6 +370,8 @@ def test_study_logs_to_the_tracking_server(mlflow_server, tmp_path):
     assert stored[0].read_text() == "via the server"
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(1500)
 def test_ray_job_submit_with_token_auth(mlflow_server, tmp_path):
     uri, _ = mlflow_server
     token = secrets.token_hex(32)  # what `ray get-auth-token --generate` writes
@@ -279,10 +428,13 @@ def test_ray_job_submit_with_token_auth(mlflow_server, tmp_path):
         actors = run_cmd(["ray", "list", "actors", "--address", address, "--format", "json",
                           "--limit", "1000", "--detail"], env, 180)
         assert actors.returncode == 0, actors.stderr[-3000:]
-        trainables = [a for a in json.loads(actors.stdout)
-                      if "run_trial" in a.get("class_name", "")]
-        assert trainables, [a.get("class_name") for a in json.loads(actors.stdout)]
-        assert all(a["job_id"] == trainables[0]["job_id"] for a in trainables)
+        listed = json.loads(actors.stdout)
+        # Tune runs a function trainable in actors of class ImplicitFunc (reused across trials)
+        trainables = [a for a in listed if a.get("class_name") == "ImplicitFunc"]
+        supervisor = [a for a in listed if a.get("class_name") == "JobSupervisor"]
+        assert 1 <= len(trainables) <= N_TRIALS, [a.get("class_name") for a in listed]
+        assert len({a["job_id"] for a in trainables}) == 1   # one driver: the submitted job's
+        assert len(supervisor) == 1
         # the workdir the job was given holds the Tune state (shared storage on a cluster)
         assert any((wd / "tune").iterdir())
     finally:

@@ -6,11 +6,12 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
+
 from nasrisk.trials import METRICS
 from nasrisk.trials.data import load_dataset, to_float
-from nasrisk.trials.metrics.grad_var import gradient_variance
+from nasrisk.trials.metrics.grad_var import gradient_variance, kaiming_init_
 from nasrisk.trials.models.wrapper import Normalized
-from torch import nn
 
 
 @pytest.fixture(scope="module")
@@ -21,9 +22,7 @@ def setup():
         nn.Conv2d(3, 6, 3, stride=2, padding=1), nn.BatchNorm2d(6), nn.ReLU(),
         nn.Conv2d(6, 8, 3, stride=2, padding=1), nn.ReLU(),
         nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(32, 10))
-    for m in net.modules():  # Kaiming initialisation, as the protocol measures at init
-        if isinstance(m, nn.Conv2d | nn.Linear):
-            nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+    kaiming_init_(net, seed=0)  # the protocol measures at Kaiming initialisation
     model = Normalized(net, data.info.mean, data.info.std)
     with torch.no_grad():  # non-trivial running statistics for the eval-mode check
         model.train()
@@ -83,3 +82,14 @@ def test_identical_samples_have_zero_variance(setup):
     xs, ys = x[:1].repeat(6, 1, 1, 1), y[:1].repeat(6)
     assert gradient_variance(model, xs, ys) == pytest.approx(0.0, abs=1e-9)
     assert METRICS.get("grad_var") is gradient_variance
+
+
+def test_kaiming_init_is_deterministic_he_normal():
+    a = nn.Sequential(nn.Conv2d(16, 64, 3), nn.BatchNorm2d(64), nn.Linear(400, 300))
+    b = copy.deepcopy(a)
+    kaiming_init_(a, seed=4)
+    kaiming_init_(b, seed=4)
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters(), strict=True))
+    assert a[0].weight.std().item() == pytest.approx((2 / (16 * 9)) ** 0.5, rel=0.05)
+    assert a[2].weight.std().item() == pytest.approx((2 / 400) ** 0.5, rel=0.05)
+    assert (a[0].bias == 0).all() and (a[1].weight == 1).all()

@@ -3,6 +3,8 @@ clean accuracy drop growing with the poison fraction."""
 
 import pytest
 import torch
+from torch import nn
+
 from nasrisk.trials import ATTACKS
 from nasrisk.trials.context import TrialContext
 from nasrisk.trials.data import load_dataset
@@ -13,7 +15,6 @@ from nasrisk.trials.poison.label_flip import (
     poisoned_test_accuracy,
 )
 from nasrisk.trials.train import TrainConfig
-from torch import nn
 
 
 def labels(n=1000, k=10, seed=0):

@@ -3,6 +3,8 @@ enough queries, stops per input, and stays in the threat model."""
 
 import pytest
 import torch
+from torch import nn
+
 from nasrisk.trials import ATTACKS
 from nasrisk.trials.attacks.nes import nes, nes_gradient
 from nasrisk.trials.attacks.targets import select_correct, select_targets
@@ -10,7 +12,6 @@ from nasrisk.trials.context import TrialContext
 from nasrisk.trials.data import load_dataset
 from nasrisk.trials.models.wrapper import Normalized
 from nasrisk.trials.train import TrainConfig, train
-from torch import nn
 
 
 @pytest.fixture(scope="module")

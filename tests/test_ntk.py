@@ -9,7 +9,6 @@ import types
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from nasrisk.trials.metrics.ntk import condition_number, kappa, kappa_scores, te_nas_score
@@ -30,9 +29,17 @@ def _one_thread():
 
 def tiny_classifier(num_classes: int = C) -> nn.Module:
     return nn.Sequential(
-        nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4), nn.ReLU(),
-        nn.Conv2d(4, 4, 3, stride=2, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 6), nn.BatchNorm1d(6), nn.Tanh(),
+        nn.Conv2d(3, 4, 3, padding=1, bias=False),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.Conv2d(4, 4, 3, stride=2, padding=1),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(4, 6),
+        nn.BatchNorm1d(6),
+        nn.Tanh(),
         nn.Linear(6, num_classes),
     )
 
@@ -93,12 +100,17 @@ def brute_kernel(f, x, *, generator=None, which, bn_mode):
         for m in mod.modules():
             if isinstance(m, nn.modules.batchnorm._BatchNorm):
                 m.forward = types.MethodType(
-                    lambda self, inp: _batch_stat_bn(self, inp, bn_mode == "fixed-stats"), m)
+                    lambda self, inp: _batch_stat_bn(self, inp, bn_mode == "fixed-stats"), m
+                )
     if which == "generator":
         params = list(g.parameters())
     else:  # conv/linear weight+bias, BN gamma
-        params = [p for m in f.modules() for name, p in m.named_parameters(recurse=False)
-                  if not (isinstance(m, nn.modules.batchnorm._BatchNorm) and name == "bias")]
+        params = [
+            p
+            for m in f.modules()
+            for name, p in m.named_parameters(recurse=False)
+            if not (isinstance(m, nn.modules.batchnorm._BatchNorm) and name == "bias")
+        ]
     out = f(g(x) if g is not None else x)
     n, c = out.shape
     k = torch.zeros(c, c, dtype=torch.float64)
@@ -106,8 +118,14 @@ def brute_kernel(f, x, *, generator=None, which, bn_mode):
         rows = []
         for j in range(c):
             grads = torch.autograd.grad(out[i, j], params, retain_graph=True, allow_unused=True)
-            rows.append(torch.cat([(gr if gr is not None else torch.zeros_like(p)).reshape(-1)
-                                   for gr, p in zip(grads, params)]).double())
+            rows.append(
+                torch.cat(
+                    [
+                        (gr if gr is not None else torch.zeros_like(p)).reshape(-1)
+                        for gr, p in zip(grads, params, strict=True)
+                    ]
+                ).double()
+            )
         jn = torch.stack(rows)
         k += jn @ jn.T
     return k / n
@@ -165,7 +183,9 @@ def test_frozen_stats_equal_train_mode_output(nets):
 
 def test_frozen_stats_without_running_buffers():
     torch.manual_seed(0)
-    net = nn.Sequential(nn.Linear(5, 3), nn.BatchNorm1d(3, track_running_stats=False), nn.Linear(3, 2))
+    net = nn.Sequential(
+        nn.Linear(5, 3), nn.BatchNorm1d(3, track_running_stats=False), nn.Linear(3, 2)
+    )
     x = torch.randn(4, 5)
     frozen = freeze_batch_stats(net, x)
     torch.testing.assert_close(frozen(x), net.train()(x))
@@ -219,20 +239,27 @@ def test_fewer_params_than_logits_is_flagged():
     torch.manual_seed(0)
     f = nn.Sequential(nn.Flatten(), nn.Linear(12, 5))
     # the bias Jacobian is the identity: K = I, kappa = 1 (a known case)
-    res = kappa(f, torch.rand(4, 3, 2, 2), params="all",
-                param_filter=lambda name, p: name.endswith("bias"))
+    res = kappa(
+        f, torch.rand(4, 3, 2, 2), params="all", param_filter=lambda name, p: name.endswith("bias")
+    )
     assert not res.flagged
     assert res.kappa == pytest.approx(1.0)
     g = nn.Sequential(nn.Flatten(), nn.Linear(12, 1), nn.Linear(1, 5))
     # 13 parameters of the first layer, but J_n = w2 [x_n^T, 1] has rank 1 < C = 5
-    res2 = kappa(g, torch.rand(4, 3, 2, 2), params="all",
-                 param_filter=lambda name, p: name.startswith("classifier.1."))
+    res2 = kappa(
+        g,
+        torch.rand(4, 3, 2, 2),
+        params="all",
+        param_filter=lambda name, p: name.startswith("classifier.1."),
+    )
     assert res2.flagged and res2.kappa == math.inf
 
 
 def test_condition_number_flags_negative_and_nan():
     assert condition_number(torch.diag(torch.tensor([-1.0, 2.0], dtype=torch.float64))).flagged
-    assert condition_number(torch.tensor([[float("nan"), 0], [0, 1.0]], dtype=torch.float64)).flagged
+    assert condition_number(
+        torch.tensor([[float("nan"), 0], [0, 1.0]], dtype=torch.float64)
+    ).flagged
     ok = condition_number(torch.diag(torch.tensor([0.5, 2.0], dtype=torch.float64)))
     assert not ok.flagged and ok.kappa == pytest.approx(4.0)
 
@@ -245,7 +272,9 @@ def test_kappa_scores_reproducible_and_median():
     b = kappa_scores(tiny_classifier, x, **kw)
     assert torch.equal(rng, torch.get_rng_state())  # caller's RNG untouched
     assert a == b and math.isfinite(a["kappa_arch"])
-    assert set(a) == {f"kappa_{v}{s}" for v in ("generator", "arch", "bare") for s in ("", "_flagged")}
+    assert set(a) == {
+        f"kappa_{v}{s}" for v in ("generator", "arch", "bare") for s in ("", "_flagged")
+    }
     # the median equals the middle of the three single-init kappas
     singles = []
     for i in range(3):
@@ -269,11 +298,19 @@ def test_te_nas_matches_brute_force(nets):
         for m in ref_f.modules():
             if isinstance(m, nn.modules.batchnorm._BatchNorm):
                 m.forward = types.MethodType(
-                    lambda self, inp, d=(mode == "fixed-stats"): _batch_stat_bn(self, inp, d), m)
+                    lambda self, inp, d=(mode == "fixed-stats"): _batch_stat_bn(self, inp, d), m
+                )
         params = list(ref_f.parameters())
         out = ref_f(x)
-        rows = [torch.cat([gr.reshape(-1) for gr in torch.autograd.grad(out[i].sum(), params, retain_graph=True)]).double()
-                for i in range(x.shape[0])]
+        rows = [
+            torch.cat(
+                [
+                    gr.reshape(-1)
+                    for gr in torch.autograd.grad(out[i].sum(), params, retain_graph=True)
+                ]
+            ).double()
+            for i in range(x.shape[0])
+        ]
         gm = torch.stack(rows)
         ref = brute_kappa(gm @ gm.T)
         assert te_nas_score(f, x, bn_mode=mode) == pytest.approx(ref, rel=1e-4)

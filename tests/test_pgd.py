@@ -5,6 +5,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
+
 from nasrisk.trials import ATTACKS
 from nasrisk.trials.attacks.pgd import (
     overlap_histogram,
@@ -18,7 +20,6 @@ from nasrisk.trials.context import TrialContext
 from nasrisk.trials.data import load_dataset
 from nasrisk.trials.models.wrapper import Normalized
 from nasrisk.trials.train import TrainConfig, train
-from torch import nn
 
 
 def tiny_cnn(info) -> nn.Module:

@@ -5,9 +5,13 @@ Threat model: white-box, L-inf ball of radius ``eps`` around a [0, 1] input, cla
 USENIX Security 2022, Sec. 4 and Table 3) or untargeted (the eps sweep and the overlap study).
 
 Hand-written rather than ART's ``ProjectedGradientDescentPyTorch``: ``bench/bench_attacks.py``
-runs both on the same model and inputs; they agree exactly without random start, and ours is
-faster (no numpy round trips) and does what ART cannot without wrapping: keep the *first*
-successful restart per input and the ``artifact`` probability criterion.
+runs both on the same model and inputs. Measured on 2 shared CPU cores (small CNN, 200
+inputs): without random start they give the same adversarial inputs (max |dx| < 1e-8) and the
+same success verdicts; ours takes 0.85-0.9x ART's time (ART/ours 1.11-1.18), since both are
+dominated by the model's forward/backward. The decision rests on what ART cannot do without
+wrapping: keep the *first* successful restart per input (ART overwrites with later
+successes), the ``artifact`` target-probability criterion, restarts only for inputs not yet
+fooled, and no numpy round trip per batch on a GPU.
 """
 
 from __future__ import annotations

@@ -1,2 +1,5 @@
 """Trial kinds: ``config -> metrics`` functions registered in TRIAL_KINDS."""
-from . import calibrate  # noqa: F401
+from . import (
+    calibrate,  # noqa: F401
+    evas,  # noqa: F401
+)

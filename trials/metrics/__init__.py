@@ -1,4 +1,3 @@
 """Measurements of a model (kappa, gradient variance, loss contours, ...)."""
 
-from . import contours, grad_var  # noqa: F401  (register)
-from . import ntk  # noqa: F401  (register)
+from . import contours, grad_var, ntk  # noqa: F401  (register)

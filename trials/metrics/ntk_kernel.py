@@ -137,8 +137,11 @@ def arch_weight_names(classifier: nn.Module, *, prefix: str = "") -> list[str]:
         chosen = [names[id(p)] for p in getter() if id(p) in names]
     else:
         chosen = []
-        for mname, m in classifier.named_modules():
-            keys = ("weight", "bias") if isinstance(m, _ConvNd | nn.Linear) else ("weight",) if isinstance(m, _BatchNorm) else ()
+        for m in classifier.modules():
+            if isinstance(m, _ConvNd | nn.Linear):
+                keys: tuple[str, ...] = ("weight", "bias")
+            else:
+                keys = ("weight",) if isinstance(m, _BatchNorm) else ()
             for k in keys:
                 p = m._parameters.get(k)
                 if p is not None and id(p) in names:
@@ -170,7 +173,9 @@ def select_params(
     return names
 
 
-def _split(module: nn.Module, names: list[str]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+def _split(
+    module: nn.Module, names: list[str]
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """(differentiated parameters, everything else detached) for ``functional_call``."""
     state = {**dict(module.named_parameters()), **dict(module.named_buffers())}
     primal = {n: state[n].detach() for n in names}
@@ -219,18 +224,19 @@ def logit_kernel(
     kernel = torch.zeros(c, c, dtype=kernel_dtype, device=x.device)
 
     if bn_mode == "fixed-stats":
+
         def one(p: dict[str, torch.Tensor], xi: torch.Tensor) -> torch.Tensor:
             return functional_call(scored, {**rest, **p}, (xi.unsqueeze(0),)).squeeze(0)
 
         per_sample = vmap(jacrev(one), in_dims=(None, 0))
         for start in range(0, n, chunk_size):
-            rows = _flat_rows(per_sample(primal, x[start:start + chunk_size]), 2).to(kernel_dtype)
+            rows = _flat_rows(per_sample(primal, x[start : start + chunk_size]), 2).to(kernel_dtype)
             kernel += torch.einsum("ncp,ndp->cd", rows, rows)
     else:
         eye = torch.eye(n * c, dtype=out.dtype, device=out.device).view(n * c, n, c)
         for start in range(0, n, chunk_size):
             stop = min(n, start + chunk_size)
-            (jac,) = vmap(pullback)(eye[start * c:stop * c])
+            (jac,) = vmap(pullback)(eye[start * c : stop * c])
             rows = _flat_rows(jac, 1).view(stop - start, c, -1).to(kernel_dtype)
             kernel += torch.einsum("ncp,ndp->cd", rows, rows)
     return kernel / n
@@ -252,6 +258,7 @@ def sample_kernel(
     scored = freeze_batch_stats(module, x) if bn_mode == "fixed-stats" else coupled_copy(module)
     primal, rest = _split(scored, names)
     if bn_mode == "fixed-stats":
+
         def one(p: dict[str, torch.Tensor], xi: torch.Tensor) -> torch.Tensor:
             return functional_call(scored, {**rest, **p}, (xi.unsqueeze(0),)).sum()
 
@@ -259,7 +266,9 @@ def sample_kernel(
     else:
         out, pullback = vjp(lambda p: functional_call(scored, {**rest, **p}, (x,)), primal)
         n = x.shape[0]
-        cot = torch.eye(n, dtype=out.dtype, device=out.device)[:, :, None].expand(n, n, out.shape[-1])
+        cot = torch.eye(n, dtype=out.dtype, device=out.device)[:, :, None].expand(
+            n, n, out.shape[-1]
+        )
         (grads,) = vmap(pullback)(cot)
     rows = _flat_rows(grads, 1).to(kernel_dtype)
     return rows @ rows.T

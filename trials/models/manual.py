@@ -26,8 +26,6 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
-import timm
-import torchvision.models as tvm
 from torch import nn
 
 from ..errors import UserError
@@ -46,10 +44,23 @@ def _check_size(input_size: int, minimum: int = 8) -> None:
         raise UserError(f"input_size must be >= {minimum}, got {input_size}")
 
 
-def _torchvision_resnet(ctor: Callable[..., tvm.ResNet]) -> Callable[..., nn.Module]:
+def _tvm():
+    # torchvision and timm import torch._dynamo (seconds per process): only when a model is built
+    import torchvision.models as tvm
+
+    return tvm
+
+
+def _timm():
+    import timm
+
+    return timm
+
+
+def _torchvision_resnet(ctor_name: str) -> Callable[..., nn.Module]:
     def build(*, num_classes: int, input_size: int = 32) -> nn.Module:
         _check_size(input_size)
-        net = ctor(weights=None, num_classes=num_classes)
+        net = getattr(_tvm(), ctor_name)(weights=None, num_classes=num_classes)
         net.conv1 = _conv3x3(net.conv1)
         net.maxpool = nn.Identity()
         return net
@@ -60,7 +71,7 @@ def _torchvision_resnet(ctor: Callable[..., tvm.ResNet]) -> Callable[..., nn.Mod
 def densenet121(*, num_classes: int, input_size: int = 32) -> nn.Module:
     """torchvision DenseNet-121, CIFAR stem."""
     _check_size(input_size)
-    net = tvm.densenet121(weights=None, num_classes=num_classes)
+    net = _tvm().densenet121(weights=None, num_classes=num_classes)
     net.features.conv0 = _conv3x3(net.features.conv0)
     net.features.pool0 = nn.Identity()
     return net
@@ -69,7 +80,7 @@ def densenet121(*, num_classes: int, input_size: int = 32) -> nn.Module:
 def dla34(*, num_classes: int, input_size: int = 32) -> nn.Module:
     """timm DLA-34, CIFAR stem and strides (see the module docstring)."""
     _check_size(input_size)
-    net = timm.create_model("dla34", pretrained=False, num_classes=num_classes)
+    net = _timm().create_model("dla34", pretrained=False, num_classes=num_classes)
     net.base_layer[0] = _conv3x3(net.base_layer[0])
     net.level1[0].stride = (1, 1)
     net.level2.downsample = nn.Identity()
@@ -80,7 +91,7 @@ def dla34(*, num_classes: int, input_size: int = 32) -> nn.Module:
 def bit_m_r50x1(*, num_classes: int, input_size: int = 32) -> nn.Module:
     """timm ``resnetv2_50x1_bit`` (BiT-R50x1), CIFAR stem."""
     _check_size(input_size)
-    net = timm.create_model("resnetv2_50x1_bit", pretrained=False, num_classes=num_classes)
+    net = _timm().create_model("resnetv2_50x1_bit", pretrained=False, num_classes=num_classes)
     net.stem.conv = _conv3x3(net.stem.conv)
     net.stem.pad = nn.Identity()
     net.stem.pool = nn.Identity()
@@ -108,6 +119,7 @@ def vgg13_bn(*, num_classes: int, input_size: int = 32) -> nn.Module:
     bias, N(0, 0.01) linear with zero bias).
     """
     _check_size(input_size, 2)
+    tvm = _tvm()
     features = tvm.vgg.make_layers(tvm.vgg.cfgs["B"], batch_norm=True)
     keep = int(math.log2(input_size))
     pools = [i for i, m in enumerate(features) if isinstance(m, nn.MaxPool2d)]
@@ -129,11 +141,11 @@ def _register() -> None:
         "bit_m_r50x1": (bit_m_r50x1, "timm.create_model('resnetv2_50x1_bit')"),
         "densenet121": (densenet121, "torchvision.models.densenet121"),
         "dla34": (dla34, "timm.create_model('dla34')"),
-        "resnet18": (_torchvision_resnet(tvm.resnet18), "torchvision.models.resnet18"),
-        "resnext50_32x4d": (_torchvision_resnet(tvm.resnext50_32x4d),
+        "resnet18": (_torchvision_resnet("resnet18"), "torchvision.models.resnet18"),
+        "resnext50_32x4d": (_torchvision_resnet("resnext50_32x4d"),
                             "torchvision.models.resnext50_32x4d"),
         "vgg13_bn": (vgg13_bn, "torchvision.models.vgg.make_layers(cfgs['B'], batch_norm=True)"),
-        "wide_resnet50_2": (_torchvision_resnet(tvm.wide_resnet50_2),
+        "wide_resnet50_2": (_torchvision_resnet("wide_resnet50_2"),
                             "torchvision.models.wide_resnet50_2"),
     }
     for name, (builder, source) in entries.items():

@@ -25,7 +25,6 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from timm.layers import drop_path
 from torch import nn
 
 from ...errors import UserError
@@ -70,6 +69,8 @@ class Cell(nn.Module):
                 op = self.ops[j]
                 h = op(states[self.indices[j]])
                 if self.training and drop_prob > 0 and not _is_identity(op):
+                    from timm.layers import drop_path  # lazy: timm imports torch._dynamo
+
                     h = drop_path(h, drop_prob, self.training)
                 node = node + h
             states.append(node)
