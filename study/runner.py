@@ -72,6 +72,14 @@ def init_ray(address: str | None) -> None:
         if address or os.environ.get("RAY_ADDRESS"):
             ray.init(address=address or None, **quiet)
         else:
+            # Ray swaps 127.0.0.1 for the machine's public address unless multi-node support
+            # is off (ray/_private/services.py resolve_ip_for_localhost): turn it off for this
+            # single-node instance, in this process and in the ones Ray starts, so every Ray
+            # port listens on loopback only.
+            import ray._private.ray_constants as ray_constants
+
+            os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+            ray_constants.ENABLE_RAY_CLUSTER = False
             ray.init(include_dashboard=False, _node_ip_address="127.0.0.1", **quiet)
     except ConnectionError as e:
         raise UserError(f"cannot connect to Ray at {address or os.environ.get('RAY_ADDRESS')}: "

@@ -98,6 +98,30 @@ def tagged_processes(tag: str) -> list[int]:
     return out
 
 
+def listening_hosts(tag: str) -> set[str]:
+    """Addresses (hex, as in /proc/net/tcp*) of the TCP sockets in LISTEN state held by
+    processes carrying this test's marker."""
+    inodes = set()
+    for pid in tagged_processes(tag):
+        try:
+            for fd in Path(f"/proc/{pid}/fd").iterdir():
+                target = os.readlink(fd)
+                if target.startswith("socket:["):
+                    inodes.add(target[8:-1])
+        except OSError:
+            continue
+    hosts = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for row in Path(table).read_text().splitlines()[1:]:
+            f = row.split()
+            if f[3] == "0A" and f[9] in inodes:  # 0A: LISTEN
+                hosts.add(f[1].split(":")[0])
+    return hosts
+
+
+LOOPBACK = {"0100007F", "0000000000000000FFFF00000100007F", "00000000000000000000000001000000"}
+
+
 def signal_all(pids: list[int], sig: int) -> None:
     for pid in pids:
         try:
@@ -336,6 +360,8 @@ def mlflow_server(tmp_path_factory) -> Iterator[tuple[str, Path]]:
 
         secs = wait_until(healthy, 300, "the MLflow server to answer", proc, log)
         print(f"mlflow server answered after {secs:.0f} s")
+        hosts = listening_hosts(tag)
+        assert hosts and hosts <= LOOPBACK, hosts  # --host 127.0.0.1: loopback only
         yield f"http://127.0.0.1:{port}", home
     finally:
         stop(proc, tag)
@@ -403,6 +429,8 @@ def test_ray_job_submit_with_token_auth(mlflow_server, tmp_path):
 
         secs = wait_until(jobs_api_up, 300, "the Ray job API", head, log)
         print(f"ray head answered after {secs:.0f} s")
+        hosts = listening_hosts(tag)
+        assert hosts and hosts <= LOOPBACK, hosts  # every Ray port on the loopback only
         # token auth is on: a client holding another token is refused
         wrong = run_cmd(["ray", "job", "list", "--address", address],
                         env | {"RAY_AUTH_TOKEN": secrets.token_hex(32)}, 120)

@@ -190,6 +190,10 @@ def test_frozen_stats_without_running_buffers():
     frozen = freeze_batch_stats(net, x)
     torch.testing.assert_close(frozen(x), net.train()(x))
     assert net[1].running_mean is None
+    # buffers present but tracking switched off after construction
+    net2 = nn.Sequential(nn.Linear(5, 3), nn.BatchNorm1d(3), nn.Linear(3, 2))
+    net2[1].track_running_stats = False
+    torch.testing.assert_close(freeze_batch_stats(net2, x)(x), net2.train()(x))
 
 
 @pytest.mark.parametrize("bn_mode", ["fixed-stats", "coupled"])

@@ -5,13 +5,14 @@ Threat model: white-box, L-inf ball of radius ``eps`` around a [0, 1] input, cla
 USENIX Security 2022, Sec. 4 and Table 3) or untargeted (the eps sweep and the overlap study).
 
 Hand-written rather than ART's ``ProjectedGradientDescentPyTorch``: ``bench/bench_attacks.py``
-runs both on the same model and inputs. Measured on 2 shared CPU cores (small CNN, 200
-inputs): without random start they give the same adversarial inputs (max |dx| < 1e-8) and the
-same success verdicts; ours takes 0.85-0.9x ART's time (ART/ours 1.11-1.18), since both are
-dominated by the model's forward/backward. The decision rests on what ART cannot do without
-wrapping: keep the *first* successful restart per input (ART overwrites with later
-successes), the ``artifact`` target-probability criterion, restarts only for inputs not yet
-fooled, and no numpy round trip per batch on a GPU.
+runs both on the same model and inputs. Measured on 2 CPU cores shared with other jobs (load
+average ~8, so timings are noisy; small CNN, 100-200 inputs): without random start both give
+the same adversarial inputs (max |dx| < 1e-8) and success verdicts; ART/ours time ratio 1.2-1.8
+for one run and 1.6-2.1 for 5 restarts in most runs, with one outlier run at 0.67. Both are
+dominated by the model's forward/backward, so speed alone is a weak argument; the decision
+rests on what ART cannot do without wrapping: keep the *first* successful restart per input
+(ART overwrites with later successes), the ``artifact`` target-probability criterion, restarts
+only for inputs not yet fooled, and no numpy round trip per batch on a GPU.
 """
 
 from __future__ import annotations

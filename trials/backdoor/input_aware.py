@@ -66,6 +66,8 @@ class GeneratorConfig(BaseModel):
     max_acc_drop: float = Field(0.05, ge=0, le=1)
     target: int = Field(0, ge=0)
     augment: Literal["none", "crop_flip", "crop_flip_cutout"] = "crop_flip"
+    #: encoder widths of both generator nets (PROTOCOLS 5: 32, 64, 128); smaller at `smoke`
+    channels: tuple[int, int, int] = (32, 64, 128)
 
     @model_validator(mode="after")
     def _fractions(self) -> GeneratorConfig:
@@ -185,7 +187,7 @@ def train_generator(
         raise ValueError(f"target {cfg.target} is not a class of {data.info.name}")
     if generator is None:
         torch.manual_seed(seed)
-        generator = TriggerGenerator()
+        generator = TriggerGenerator(channels=cfg.channels)
     generator.to(device)
     x_train, y_train = data.x_train[:max_train], data.y_train[:max_train]
     total_epochs = cfg.mask_epochs + cfg.pattern_epochs

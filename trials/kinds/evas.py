@@ -97,7 +97,9 @@ def run_evas(config: dict, ctx: TrialContext) -> dict[str, float]:
         gen = torch.Generator().manual_seed(cfg.seed)
         idx = torch.randperm(len(data.y_train), generator=gen)[: cfg.kappa.batch_size]
         x = augment(to_float(data.x_train[idx]), "crop_flip", generator=gen).to(ctx.device)
-        scores = dict(kappa_scores(build, x, build_generator=TriggerGenerator,
+        channels = cfg.generator.channels
+        scores = dict(kappa_scores(build, x,
+                                   build_generator=lambda: TriggerGenerator(channels=channels),
                                    variants=cfg.kappa.variants, n_init=cfg.kappa.n_init,
                                    seed=cfg.seed, bn_mode=cfg.kappa.bn_mode))
         if cfg.kappa.te_nas:

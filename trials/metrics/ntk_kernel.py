@@ -33,9 +33,10 @@ ParamFilter = Callable[[str, torch.Tensor], bool]
 BN_MODES: tuple[str, ...] = ("fixed-stats", "coupled")
 PARAM_SETS: tuple[str, ...] = ("generator", "arch", "all")
 
-# Bytes of float32 Jacobian rows held at once before the kernel is accumulated; bounds memory
-# for large parameter sets (the EVAS generator has ~10^6 weights).
-_JACOBIAN_BUDGET_BYTES = 256 * 2**20
+# Working memory (Jacobian rows + the activation gradients of the vectorised backward passes)
+# aimed at per chunk of samples; bounds memory for large parameter sets (the EVAS generator
+# has ~10^6 weights) and for the coupled mode, whose every cotangent spans the whole batch.
+_CHUNK_BUDGET_BYTES = 512 * 2**20
 
 
 class Composed(nn.Module):
@@ -89,7 +90,7 @@ def freeze_batch_stats(module: nn.Module, x: torch.Tensor) -> nn.Module:
             bn.register_buffer("running_mean", torch.zeros(bn.num_features, **kw))
             bn.register_buffer("running_var", torch.ones(bn.num_features, **kw))
             bn.register_buffer("num_batches_tracked", torch.tensor(0, device=like.device))
-            bn.track_running_stats = True
+        bn.track_running_stats = True  # also where buffers exist but tracking was switched off
         bn.reset_running_stats()
         bn.momentum = None
         seen[id(bn)] = [0, 0]
@@ -187,6 +188,33 @@ def _n_params(primal: dict[str, torch.Tensor]) -> int:
     return sum(t.numel() for t in primal.values())
 
 
+def _activation_bytes(module: nn.Module, x: torch.Tensor) -> int:
+    """Bytes of all leaf-module outputs of one forward of ``x`` (no grad): a proxy for the
+    activation gradients one backward pass of that batch holds."""
+    total = [0]
+
+    def add(_m: nn.Module, _a: tuple, out: object) -> None:
+        if isinstance(out, torch.Tensor):
+            total[0] += out.numel() * out.element_size()
+
+    leaves = [m for m in module.modules() if not any(True for _ in m.children())]
+    handles = [m.register_forward_hook(add) for m in leaves]
+    try:
+        with torch.no_grad():
+            module(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return total[0]
+
+
+def _auto_chunk(n_logits: int, n_params: int, elem: int, per_cotangent_act: int) -> int:
+    """Samples per chunk: each sample costs ``n_logits`` Jacobian rows plus as many backward
+    passes' activation gradients."""
+    per_sample = n_logits * (n_params * elem + per_cotangent_act)
+    return max(1, _CHUNK_BUDGET_BYTES // max(1, per_sample))
+
+
 def _flat_rows(jac: dict[str, torch.Tensor], lead: int) -> torch.Tensor:
     """Concatenate per-parameter Jacobians ``(*lead_shape, *param_shape)`` into ``(..., P)``."""
     return torch.cat([j.reshape(*j.shape[:lead], -1) for j in jac.values()], dim=-1)
@@ -206,7 +234,8 @@ def logit_kernel(
 
     ``J`` is computed in the module's dtype; ``K`` is accumulated in ``kernel_dtype`` (float64 by
     default, PROTOCOLS 5 "Precision"). ``chunk_size`` samples are processed at once (default:
-    as many as fit a 256 MiB Jacobian). ``module`` is not modified.
+    as many as fit ~512 MiB of Jacobian rows and activation gradients). ``module`` is not
+    modified.
     """
     if bn_mode not in BN_MODES:
         raise UserError(f"unknown bn_mode {bn_mode!r}; valid: {', '.join(BN_MODES)}")
@@ -216,11 +245,15 @@ def logit_kernel(
     if bn_mode == "fixed-stats":
         with torch.no_grad():
             c = scored(x[:1]).shape[-1]
+        if chunk_size is None:
+            act = _activation_bytes(scored, x[:1])  # a per-sample backward
     else:
         out, pullback = vjp(lambda p: functional_call(scored, {**rest, **p}, (x,)), primal)
         c = out.shape[-1]
+        if chunk_size is None:
+            act = _activation_bytes(scored, x)  # every cotangent's backward spans the batch
     if chunk_size is None:
-        chunk_size = max(1, _JACOBIAN_BUDGET_BYTES // (c * _n_params(primal) * x.element_size()))
+        chunk_size = _auto_chunk(c, _n_params(primal), x.element_size(), act)
     kernel = torch.zeros(c, c, dtype=kernel_dtype, device=x.device)
 
     if bn_mode == "fixed-stats":
@@ -233,10 +266,12 @@ def logit_kernel(
             rows = _flat_rows(per_sample(primal, x[start : start + chunk_size]), 2).to(kernel_dtype)
             kernel += torch.einsum("ncp,ndp->cd", rows, rows)
     else:
-        eye = torch.eye(n * c, dtype=out.dtype, device=out.device).view(n * c, n, c)
         for start in range(0, n, chunk_size):
             stop = min(n, start + chunk_size)
-            (jac,) = vmap(pullback)(eye[start * c : stop * c])
+            # one-hot cotangents e_(i, j) for the samples i of this chunk and every logit j
+            cot = torch.zeros((stop - start) * c, n * c, dtype=out.dtype, device=out.device)
+            cot[torch.arange(cot.shape[0]), torch.arange(start * c, stop * c)] = 1
+            (jac,) = vmap(pullback)(cot.view(-1, n, c))
             rows = _flat_rows(jac, 1).view(stop - start, c, -1).to(kernel_dtype)
             kernel += torch.einsum("ncp,ndp->cd", rows, rows)
     return kernel / n

@@ -37,18 +37,24 @@ class GeneratorNet(nn.Module):
     Input ``(B, 3, H, W)`` in [0, 1] with ``H, W`` divisible by 8 (32x32 and 16x16 images);
     output ``(B, out_channels, H, W)``, unbounded.
 
-    Deviations: none in structure; the input is not normalised (it is in [0, 1]).
+    ``channels`` are the three encoder widths, (32, 64, 128) as EVAS ran it; the `smoke` profile
+    narrows them (a size, like the NATS net's C) so kappa and generator training fit a CPU.
+
+    Deviations: none in structure at the default widths; the input is not normalised (it is in
+    [0, 1]).
     """
 
-    def __init__(self, out_channels: int, *, in_channels: int = 3) -> None:
+    def __init__(self, out_channels: int, *, in_channels: int = 3,
+                 channels: tuple[int, int, int] = (32, 64, 128)) -> None:
         super().__init__()
+        c1, c2, c3 = channels
         layers: list[nn.Module] = []
         c_prev = in_channels
-        for c in (32, 64, 128):
+        for c in channels:
             layers += _conv_bn(c_prev, c) + _conv_bn(c, c) + [nn.MaxPool2d(2)]
             c_prev = c
-        layers += _conv_bn(128, 128)
-        for i, (c, c_next) in enumerate(((128, 64), (64, 32), (32, out_channels))):
+        layers += _conv_bn(c3, c3)
+        for i, (c, c_next) in enumerate(((c3, c2), (c2, c1), (c1, out_channels))):
             layers += [nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False)]
             layers += _conv_bn(c, c) + _conv_bn(c, c_next, relu=i < 2)
         self.body = nn.Sequential(*layers)
@@ -68,10 +74,10 @@ class TriggerGenerator(nn.Module):
     trigger generated from another input (the cross-trigger of Nguyen & Tran, Sec. 3.3).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, channels: tuple[int, int, int] = (32, 64, 128)) -> None:
         super().__init__()
-        self.pattern = GeneratorNet(3)
-        self.mask = GeneratorNet(1)
+        self.pattern = GeneratorNet(3, channels=channels)
+        self.mask = GeneratorNet(1, channels=channels)
 
     def mark(self, x: torch.Tensor) -> torch.Tensor:
         """The trigger pattern in [0, 1], ``(B, 3, H, W)``."""
