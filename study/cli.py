@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -22,13 +22,13 @@ app = typer.Typer(
 
 Study = Annotated[str, typer.Argument(help="A built-in study name (see `nasrisk studies`) or "
                                            "a path to a YAML study file.")]
-Workdir = Annotated[Optional[Path], typer.Option(
+Workdir = Annotated[Path | None, typer.Option(
     "--workdir", help="Where everything the study produces lives (MLflow store, Tune state, "
                       "checkpoints, reports). [default: ./nasrisk-runs or $NASRISK_WORKDIR]")]
-Tracking = Annotated[Optional[str], typer.Option(
+Tracking = Annotated[str | None, typer.Option(
     "--tracking-uri", help="MLflow tracking URI, e.g. http://MLFLOW:5000. [default: "
                            "$MLFLOW_TRACKING_URI, else sqlite:///<workdir>/mlflow.db]")]
-Profile = Annotated[Optional[str], typer.Option(
+Profile = Annotated[str | None, typer.Option(
     "--profile", help="Study profile: `smoke` (embedded data, tiny, minutes on a laptop) or "
                       "`paper` (the published protocol). [default: the study's default]")]
 
@@ -40,7 +40,7 @@ def _mlflow_ui_hint(uri: str) -> str:
 
 
 @app.command()
-def studies(show: Annotated[Optional[str], typer.Option(
+def studies(show: Annotated[str | None, typer.Option(
         "--show", help="Print this built-in study as YAML: a valid study file to copy and "
                        "edit, then run with `nasrisk run my-study.yaml`.")] = None) -> None:
     """List the built-in studies with their profiles and trial counts."""
@@ -65,17 +65,17 @@ def studies(show: Annotated[Optional[str], typer.Option(
 
 @app.command()
 def plan(study: Study, profile: Profile = None,
-         dataset: Annotated[Optional[str], typer.Option(help="Dataset override.")] = None,
-         num_archs: Annotated[Optional[int], typer.Option(help="Number of archs to sample.")] = None,
+         dataset: Annotated[str | None, typer.Option(help="Dataset override.")] = None,
+         num_archs: Annotated[int | None, typer.Option(help="Number of archs to sample.")] = None,
          all_archs: Annotated[bool, typer.Option("--all", help="All 15,625 NATS archs.")] = False,
          workdir: Workdir = None, tracking_uri: Tracking = None) -> None:
     """Show the trials, resources per trial and estimated compute, without running anything.
 
     The estimate uses the measured per-trial time of finished trials of the same study and
     stage in the tracking store (run the smoke profile once to get one)."""
+    from .estimate import describe_plan
     from .plan import RunOptions, build_plan
     from .spec import load_spec
-    from .estimate import describe_plan
 
     spec = load_spec(study)
     p = build_plan(spec, RunOptions(profile=profile, dataset=dataset, num_archs=num_archs,
@@ -87,23 +87,23 @@ def plan(study: Study, profile: Profile = None,
 def run(
     study: Study,
     profile: Profile = None,
-    dataset: Annotated[Optional[str], typer.Option(help="Dataset override (e.g. embedded, "
+    dataset: Annotated[str | None, typer.Option(help="Dataset override (e.g. embedded, "
                                                         "cifar10, cifar100, imagenet16-120).")] = None,
-    num_archs: Annotated[Optional[int], typer.Option(help="Number of NATS archs to sample.")] = None,
+    num_archs: Annotated[int | None, typer.Option(help="Number of NATS archs to sample.")] = None,
     all_archs: Annotated[bool, typer.Option("--all", help="Use all 15,625 NATS archs.")] = False,
     workdir: Workdir = None,
     tracking_uri: Tracking = None,
-    address: Annotated[Optional[str], typer.Option(help="Ray address of a running cluster "
+    address: Annotated[str | None, typer.Option(help="Ray address of a running cluster "
                                                         "[default: $RAY_ADDRESS, else a local "
                                                         "instance on 127.0.0.1]")] = None,
-    cpus_per_trial: Annotated[Optional[float], typer.Option(help="CPUs one trial reserves.")] = None,
-    gpus_per_trial: Annotated[Optional[float], typer.Option(help="GPUs one trial reserves "
+    cpus_per_trial: Annotated[float | None, typer.Option(help="CPUs one trial reserves.")] = None,
+    gpus_per_trial: Annotated[float | None, typer.Option(help="GPUs one trial reserves "
                                                                  "(fractions share a GPU).")] = None,
     max_failures: Annotated[int, typer.Option(help="Retries of a failed trial (each resumes "
                                                    "from its last checkpoint).")] = 2,
-    seed: Annotated[Optional[int], typer.Option(help="Seed of every trial.")] = None,
-    params: Annotated[Optional[str], typer.Option(help="Parameter set: paper or artifact.")] = None,
-    data_root: Annotated[Optional[Path], typer.Option(help="Dataset folder [default: "
+    seed: Annotated[int | None, typer.Option(help="Seed of every trial.")] = None,
+    params: Annotated[str | None, typer.Option(help="Parameter set: paper or artifact.")] = None,
+    data_root: Annotated[Path | None, typer.Option(help="Dataset folder [default: "
                                                            "<workdir>/data]")] = None,
     download: Annotated[bool, typer.Option("--download", help="Download missing datasets "
                                                              "(CIFAR) instead of failing.")] = False,
@@ -129,7 +129,7 @@ def run(
 @app.command()
 def resume(study: Annotated[str, typer.Argument(help="The study name that was run.")],
            workdir: Workdir = None,
-           address: Annotated[Optional[str], typer.Option(help="Ray address.")] = None,
+           address: Annotated[str | None, typer.Option(help="Ray address.")] = None,
            report: Annotated[bool, typer.Option(help="Build the report at the end.")] = True) -> None:
     """Continue an interrupted or partly failed study: restores the Tune experiment and runs
     only what did not finish (errored trials included, from their last checkpoint)."""

@@ -26,4 +26,6 @@ def print_models(dataset: str, stats: bool) -> None:
 
 
 def _fmt(v: object) -> str:
+    if v is None:
+        return "(needs an arch)"
     return f"{v:,}" if isinstance(v, int) and not isinstance(v, bool) else str(v)

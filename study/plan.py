@@ -91,6 +91,20 @@ def _set_dotted(cfg: dict[str, Any], dotted: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
+def _inject(cfg: dict[str, Any], model: type, values: dict[str, Any]) -> None:
+    """Set profile/command-line values (dataset, seed, parameter set) on every config level
+    that has such a field: the top level and nested configs (e.g. an attack's ``victim``)."""
+    from pydantic import BaseModel
+
+    for name, value in values.items():
+        if value is not None and name in model.model_fields:
+            cfg[name] = value
+    for fname, info in model.model_fields.items():
+        sub = info.annotation
+        if isinstance(sub, type) and issubclass(sub, BaseModel) and isinstance(cfg.get(fname), dict):
+            _inject(cfg[fname], sub, values)
+
+
 def _archs(stage: StageSpec, opts: RunOptions, n_profile: int | None) -> list[str]:
     from nasrisk.trials.models.nats.arch_string import all_archs, sample_archs
 
@@ -119,15 +133,11 @@ def build_plan(spec: StudySpec, opts: RunOptions) -> StudyPlan:
         kind = TRIAL_KINDS.get(st.kind)
         model = kind.config_model
         over = prof.stages.get(st.name, {})
-        bad = set(over) - {"config", "grid", "resources"}
+        bad = set(over) - {"config", "cases", "grid", "resources"}
         if bad:
             raise UserError(f"profile {pname}, stage {st.name}: unknown override "
-                            f"{sorted(bad)[0]!r} (valid: config, grid, resources)")
+                            f"{sorted(bad)[0]!r} (valid: config, cases, grid, resources)")
         base = deep_merge(deep_merge(st.config, prof.config), over.get("config", {}))
-        fields = model.model_fields
-        for name, value in (("dataset", dataset), ("seed", seed), ("params", params)):
-            if name in fields and value is not None:
-                base[name] = value
         grid = {**st.grid, **over.get("grid", {})}
         for gk, gv in grid.items():
             if not isinstance(gv, list) or not gv:
@@ -140,13 +150,18 @@ def build_plan(spec: StudySpec, opts: RunOptions) -> StudyPlan:
         if opts.cpus_per_trial is not None or opts.gpus_per_trial is not None:
             res = Resources(cpu=opts.cpus_per_trial or res.cpu,
                             gpu=res.gpu if opts.gpus_per_trial is None else opts.gpus_per_trial)
+        cases = over.get("cases", st.cases) or [{}]
+        if not isinstance(cases, list) or not all(isinstance(c, dict) for c in cases):
+            raise UserError(f"stage {st.name}: cases must be a list of mappings")
         points: list[dict[str, Any]] = []
         keys = list(grid)
-        for combo in itertools.product(*(grid[k] for k in keys)):
-            cfg = copy_dict(base)
-            for k, v in zip(keys, combo, strict=True):
-                _set_dotted(cfg, k, v)
-            points.append(cfg)
+        for case in cases:
+            for combo in itertools.product(*(grid[k] for k in keys)):
+                cfg = deep_merge(base, case)
+                for k, v in zip(keys, combo, strict=True):
+                    _set_dotted(cfg, k, v)
+                _inject(cfg, model, {"dataset": dataset, "seed": seed, "params": params})
+                points.append(cfg)
         if st.archs is not None:
             archs = _archs(st, opts, prof.num_archs)
             points = [{**p, "arch": a} for a in archs for p in points]

@@ -48,6 +48,9 @@ class StageSpec(BaseModel):
     description: str = ""
     resources: Resources = Resources()
     config: dict[str, Any] = {}
+    #: partial configs, each deep-merged into ``config`` (crossed with ``grid``): for values
+    #: that go together, e.g. a model and the size arguments that only it takes
+    cases: list[dict[str, Any]] = []
     grid: dict[str, list[Any]] = {}
     archs: ArchSampling | None = None
     needs: list[str] = []  # earlier stages whose outputs this stage reads
@@ -61,7 +64,7 @@ class ProfileSpec(BaseModel):
     seed: int | None = None
     #: merged into every stage's config (nested dicts merge key by key)
     config: dict[str, Any] = {}
-    #: per stage: {"config": {...}, "grid": {...}, "resources": {...}}
+    #: per stage: {"config": {...}, "cases": [...], "grid": {...}, "resources": {...}}
     stages: dict[str, dict[str, Any]] = {}
 
 

@@ -139,6 +139,21 @@ class TrialRun:
                        TAG_STATUS: "running"})
         return self.run_id
 
+    def link_victim(self, victim_key: str) -> str | None:
+        """Tag this run with the MLflow run of the victim it attacks (the victim stage's run
+        whose param ``victim_key`` matches), so the UI can jump from an attack to its victim."""
+        runs = self.client.search_runs(
+            [self.experiment_id], max_results=5,
+            filter_string=f"params.victim_key = '{victim_key}' and tags.`{TAG_ROLE}` = 'trial'",
+        )
+        victims = [r for r in runs if r.info.run_id != self.run_id
+                   and r.data.tags.get(TAG_KIND) == "victim"]
+        if not victims:
+            return None
+        vid = victims[0].info.run_id
+        self.set_tags({"nasrisk.victim_run_id": vid})
+        return vid
+
     def is_done(self) -> bool:
         assert self.run_id
         return self.client.get_run(self.run_id).data.tags.get(TAG_STATUS) == "done"

@@ -80,6 +80,8 @@ def run_trial(params: dict[str, Any], runtime: dict[str, Any]) -> None:
         done = run.client.get_run(run.run_id).data.metrics
         tune.report({**done, "trial_done": 1.0})
         return
+    if t["kind"] != "victim" and params_logged.get("victim_key"):
+        run.link_victim(str(params_logged["victim_key"]))
     gpus = runtime.get("gpus_per_trial", 0)
     device = "cuda" if gpus and torch.cuda.is_available() else "cpu"
     artifacts = Path(tempfile.mkdtemp(prefix="nasrisk-art-"))

@@ -116,3 +116,16 @@ def test_console_script_exits_2_without_traceback():
     p = subprocess.run(exe, capture_output=True, text=True, timeout=120)
     assert p.returncode == 2 and "Traceback" not in p.stderr
     assert p.stderr.strip().startswith("nasrisk: error: unknown study")
+
+
+def test_models_lists_the_zoo_with_parameter_counts(run_cli):
+    code, out, _ = run_cli("models")
+    rows = {ln.split()[0]: ln.split() for ln in out.splitlines()[1:]}
+    assert code == 0 and rows["darts"][2] == "3,349,342" and rows["resnet18"][1] == "manual"
+    assert sum(r[1] == "nas" for r in rows.values()) == 10
+    assert sum(r[1] == "manual" for r in rows.values()) == 7
+    code, out, _ = run_cli("models", "--stats")
+    darts = next(ln.split() for ln in out.splitlines() if ln.startswith("darts "))
+    assert code == 0 and darts[1:4] == ["3", "3.5", "2"]
+    code, _, err = run_cli("models", "--dataset", "svhn")
+    one_line_error(code, err, "unknown dataset 'svhn'")

@@ -7,6 +7,7 @@ import random
 from collections import Counter
 
 import pytest
+
 from nasrisk.trials.errors import UserError
 from nasrisk.trials.models.nats.arch_string import (
     EDGES,

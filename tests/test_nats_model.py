@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+
 from nasrisk.trials.context import TrialContext
 from nasrisk.trials.data import load_dataset
 from nasrisk.trials.errors import UserError

@@ -10,7 +10,6 @@ import time
 from pathlib import Path
 
 import mlflow
-import pytest
 import yaml
 
 NASRISK = [sys.executable, "-m", "nasrisk.study.cli"]

@@ -97,3 +97,37 @@ def test_unknown_profile_and_dataset():
         build_plan(spec, RunOptions(profile="huge"))
     with pytest.raises(UserError, match="unknown dataset 'mnist3d'"):
         build_plan(spec, RunOptions(dataset="mnist3d"))
+
+
+def test_cases_merge_and_cross_with_the_grid(tmp_path):
+    d = {"name": "cases", "stages": [{"name": "probe", "kind": "calibrate",
+                                      "config": {"epochs": 1, "size": 4},
+                                      "cases": [{"size": 8}, {"size": 16, "epochs": 2}],
+                                      "grid": {"index": [0, 1, 2]}}],
+         "profiles": {"smoke": {"seed": 7}}}
+    plan = build_plan(load_spec(write(tmp_path, d)), RunOptions())
+    cfgs = [t.config for t in plan.stages[0].trials]
+    assert len(cfgs) == 6
+    assert sorted((c["size"], c["epochs"], c["index"]) for c in cfgs) == [
+        (8, 1, 0), (8, 1, 1), (8, 1, 2), (16, 2, 0), (16, 2, 1), (16, 2, 2)]
+    assert all(c["seed"] == 7 for c in cfgs)
+
+
+def test_profile_values_reach_nested_configs():
+    from pydantic import BaseModel, ConfigDict
+
+    from nasrisk.study.plan import _inject
+
+    class Inner(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        dataset: str = "cifar10"
+        seed: int = 0
+
+    class Outer(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        victim: Inner = Inner()
+        seed: int = 0
+
+    cfg = {"victim": {"dataset": "cifar10"}}
+    _inject(cfg, Outer, {"dataset": "embedded", "seed": 3, "params": None})
+    assert cfg == {"victim": {"dataset": "embedded", "seed": 3}, "seed": 3}

@@ -1,8 +1,9 @@
 """One report module per study; a study file names its report (``report: evas``)."""
 
+from nasrisk.analysis.reports.automl import AutomlReport, build_automl_report
 from nasrisk.analysis.reports.evas import EvasReport, build_evas_report
 
 #: report name -> builder(tracking_uri, experiment, out_dir) -> object with ``summary()``
-REPORTS = {"evas": build_evas_report}
+REPORTS = {"evas": build_evas_report, "automl": build_automl_report}
 
-__all__ = ["REPORTS", "EvasReport", "build_evas_report"]
+__all__ = ["REPORTS", "AutomlReport", "EvasReport", "build_automl_report", "build_evas_report"]

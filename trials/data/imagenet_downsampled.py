@@ -46,7 +46,7 @@ def _load(info: DatasetInfo, root: Path, sub: str) -> ImageData:
             f"in {folder}; download the official down-sampled ImageNet ({info.image_size}x"
             f"{info.image_size}) pickled batches and extract them there (no --download: licence)"
         )
-    xs, ys = zip(*(_read(folder / f, info.image_size, info.num_classes) for f in _FILES[:-1]))
+    xs, ys = zip(*(_read(folder / f, info.image_size, info.num_classes) for f in _FILES[:-1]), strict=True)
     xt, yt = _read(folder / "val_data", info.image_size, info.num_classes)
     return ImageData(info, torch.cat(xs), torch.cat(ys), xt, yt)
 

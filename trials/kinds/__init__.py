@@ -2,4 +2,5 @@
 from . import (
     calibrate,  # noqa: F401
     evas,  # noqa: F401
+    victim,  # noqa: F401
 )
