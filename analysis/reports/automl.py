@@ -118,7 +118,11 @@ def _comparisons(per_model: pd.DataFrame, metrics: list[str], out: Path, files: 
             files[f"strips {setting}"] = strip_grid(
                 sub, shown, path=out / f"strips_{_slug(setting)}.png", groups=groups,
                 title=f"per model, by family — {setting}", seed=seed)
-    return pd.concat(tables, ignore_index=True) if tables else pd.DataFrame()
+    if not tables:
+        return pd.DataFrame()
+    table = pd.concat(tables, ignore_index=True)
+    # a metric a setting never recorded (e.g. the eps sweep outside CIFAR10) has no row there
+    return table[(table["n_a"] + table["n_b"]) > 0].reset_index(drop=True)
 
 
 def _overlap(client, attacks: pd.DataFrame, out: Path, files: dict,
@@ -136,7 +140,7 @@ def _overlap(client, attacks: pd.DataFrame, out: Path, files: dict,
     for setting, sub in hist.groupby("setting"):
         files[f"overlap {setting}"] = overlap_histogram_figure(
             sub, path=out / f"overlap_hist_{_slug(setting)}.png",
-            title=f"PGD overlap (eps 4/255, least likely) — {setting}")
+            title=f"PGD overlap — {setting}\n(eps 4/255, least likely)")
     return counts, hist
 
 
@@ -177,10 +181,13 @@ def _correlations(per_model: pd.DataFrame, ys: list[str], *, n_boot: int, ci: fl
         return pd.DataFrame()
     tables = []
     for setting, sub in per_model.groupby("setting"):
-        t = correlation_table(sub, xs, ys, log_x=True, n_boot=n_boot, ci=ci, seed=seed)
-        t.insert(0, "setting", setting)
-        tables.append(t)
-    return pd.concat(tables, ignore_index=True)
+        here_x, here_y = _present(sub, xs), _present(sub, ys)
+        if here_x and here_y:
+            t = correlation_table(sub, here_x, here_y, log_x=True, n_boot=n_boot, ci=ci,
+                                  seed=seed)
+            t.insert(0, "setting", setting)
+            tables.append(t)
+    return pd.concat(tables, ignore_index=True) if tables else pd.DataFrame()
 
 
 def _write(df: pd.DataFrame, path: Path, files: dict, name: str) -> None:

@@ -27,6 +27,8 @@ import numpy as np
 import pandas as pd
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+# one download per run: MLflow's per-download progress bars would bury the CLI's summary
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 from mlflow.exceptions import MlflowException  # noqa: E402 - after the telemetry switch
 
@@ -294,11 +296,9 @@ def overlap_histogram(counts: pd.DataFrame) -> pd.DataFrame:
 def arch_stats_table(per_model: pd.DataFrame) -> pd.DataFrame:
     """PROTOCOLS 1.3 architecture statistics (cell depth, cell width in units of c, skip
     count of the normal cell, as the victim kind logged them) of every DARTS-space model, one
-    row per model, with its mean clean accuracy and trained gradient variance over settings."""
-    if per_model.empty or not set(ARCH_STATS) & set(per_model.columns):
-        return pd.DataFrame(columns=["family", "model", *ARCH_STATS])
+    row per model (the genotype's statistics do not depend on the setting)."""
     stats = [s for s in ARCH_STATS if s in per_model.columns]
-    extra = [m for m in ("acc", "grad_var_trained") if m in per_model.columns]
+    if per_model.empty or not stats:
+        return pd.DataFrame(columns=["family", "model", *ARCH_STATS])
     darts = per_model.dropna(subset=stats, how="all")
-    table = darts.groupby(["family", "model"])[stats + extra].mean().reset_index()
-    return order_families(table)
+    return order_families(darts.groupby(["family", "model"])[stats].first().reset_index())

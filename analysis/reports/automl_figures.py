@@ -63,7 +63,7 @@ def overlap_histogram_figure(hist: pd.DataFrame, *, path: str | Path,
     """Paired bars: number of inputs fooled by exactly k NAS models and by exactly k manual
     models, for each k (``hist``: columns ``k``, ``inputs_nas``, ``inputs_manual`` of one
     setting)."""
-    fig = Figure(figsize=(1.5 + 0.45 * max(len(hist), 1), 3.2), layout="constrained")
+    fig = Figure(figsize=(max(4.2, 1.5 + 0.45 * len(hist)), 3.2), layout="constrained")
     ax = fig.subplots()
     k = hist["k"].to_numpy(int)
     ax.bar(k - 0.2, hist["inputs_nas"], width=0.4, color=FAMILY_COLORS["nas"], label="NAS")

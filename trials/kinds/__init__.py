@@ -1,5 +1,6 @@
 """Trial kinds: ``config -> metrics`` functions registered in TRIAL_KINDS."""
 from . import (
+    attack,  # noqa: F401
     calibrate,  # noqa: F401
     evas,  # noqa: F401
     victim,  # noqa: F401

@@ -7,7 +7,8 @@ store, or trained there (once, under the store's lock) when no victim trial has 
 The attacks are those of :mod:`nasrisk.trials.attacks`; this module only wires them to the
 victim, the inputs and the runner.
 
-``attack`` value -> metrics (besides ``victim_acc`` and ``n_attacked``, always):
+``attack`` value -> metrics (besides ``victim_acc``, ``n_attacked`` and ``victim_trained`` =
+1 when this trial had to train the victim, always):
 
 * ``pgd_targeted``: ``asr_m``, ``asr_l`` - targeted PGD, most-/least-likely target
   (:func:`~nasrisk.trials.attacks.pgd.pgd_targeted_case`, settings of ``params``).
@@ -57,7 +58,7 @@ from ..attacks.targets import AttackResult, clean_logits, select_correct
 from ..context import TrialContext
 from ..data import ImageData, load_dataset, to_float
 from ..registry import MODELS, TRIAL_KINDS
-from ..victims import VictimSpec, ensure_victim
+from ..victims import VictimSpec, ensure_victim, victim_data
 
 AttackName = Literal["pgd_targeted", "pgd_sweep", "nes", "pgd_overlap"]
 SWEEP_EPS_255 = (1, 2, 4, 8, 16)  # PROTOCOLS 4, PGD untargeted sweep
@@ -95,11 +96,6 @@ class AttackConfig(BaseModel):
         if q is not None and q % 2:
             raise ValueError(f"nes_queries_per_estimate must be even (antithetic pairs), got {q}")
         return self
-
-
-def _victim_data(spec: VictimSpec, ctx: TrialContext) -> ImageData:
-    data = load_dataset(spec.dataset, root=ctx.data_root, download=ctx.download)
-    return data.subset(spec.max_train_examples, spec.max_test_examples)
 
 
 def _cached(ctx: TrialContext, key: str, part: str, compute: Callable[[], dict]) -> dict:
@@ -207,10 +203,12 @@ def run_attack(config: dict, ctx: TrialContext) -> dict[str, float]:
     """Run one attack of PROTOCOLS 4 on one victim (see the module docstring)."""
     cfg = AttackConfig.model_validate(config)
     spec = cfg.victim
-    data = _victim_data(spec, ctx)
-    model, record = ensure_victim(spec, ctx, data=data)
+    full = load_dataset(spec.dataset, root=ctx.data_root, download=ctx.download)
+    model, record = ensure_victim(spec, ctx, data=full)
+    data = victim_data(spec, ctx, full)  # the test split the victim's acc is measured on
     model.eval()
-    out: dict[str, float] = {"victim_acc": float(record["acc"])}
+    out: dict[str, float] = {"victim_acc": float(record["acc"]),
+                             "victim_trained": float(record.get("source") == "trained")}
     key = f"attack/{cfg.attack}"
     if cfg.attack == "pgd_overlap":
         metrics, arrays = _overlap(model, data, cfg, ctx, key)
