@@ -48,8 +48,18 @@ def count_training(monkeypatch) -> list:
     return calls
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread: these tiny nets only lose time to thread hand-offs on a shared
+    2-core machine (restored after the module)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
-def first(tmp_path_factory):
+def first(one_thread, tmp_path_factory):
     """The first attack trial on a fresh store: it has to train the victim."""
     torch.manual_seed(0)
     root = tmp_path_factory.mktemp("attack")
@@ -83,7 +93,7 @@ def test_every_attack_runs_through_the_kind(first, attack, keys, tmp_path, monke
     store, _, _, _ = first
     calls = count_training(monkeypatch)
     ctx = ctx_for(tmp_path, store)
-    cfg = {"victim": VICTIM, "attack": attack, "n_inputs": 16, **NES_SMALL}
+    cfg = {"victim": VICTIM, "attack": attack, "n_inputs": 8, **NES_SMALL}
     out = run_attack(cfg, ctx)
     assert calls == [] and out["victim_trained"] == 0.0  # loaded, never retrained
     assert 0 < out["victim_acc"] <= 1

@@ -19,7 +19,7 @@ from nasrisk.trials.victims import VictimSpec, build_victim
 METRICS = ("acc", "param_count", "train_seconds", "grad_var_init", "grad_var_trained",
            "grad_var_init_artifact", "grad_var_trained_artifact", "contour_params_centre",
            "contour_input_centre")
-ARCH = "|nor_conv_3x3~0|+|skip_connect~0|nor_conv_3x3~1|+|skip_connect~0|skip_connect~1|nor_conv_3x3~2|"
+ARCH = "|nor_conv_3x3~0|+|nor_conv_3x3~0|nor_conv_3x3~1|+|skip_connect~0|skip_connect~1|nor_conv_3x3~2|"
 
 
 def darts_config(**kw) -> dict:
@@ -77,21 +77,32 @@ def test_victim_kind_extra_params_and_name():
         kind.config_model.model_validate(darts_config(unknown=1))
 
 
-def test_poisoned_victim_is_less_accurate(tmp_path):
+@pytest.fixture
+def one_thread():
+    """CPU reductions split differently with the thread count and a run this short is
+    sensitive to that: pin one thread so the measured margins below are the ones tested."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_poisoned_victim_is_less_accurate(tmp_path, one_thread):
     """Label-flip poisoning (PROTOCOLS 4): same model, data and seed, half the training labels
     flipped -> lower clean test accuracy. Without the flip the two runs would be identical."""
     kind = TRIAL_KINDS.get("victim")
-    base = {"model": "nats", "model_kwargs": {"arch": ARCH, "C": 4, "N": 1},
-            "dataset": "embedded", "max_train_examples": 512, "max_test_examples": 300,
-            "train": {"epochs": 2, "batch_size": 16, "lr": 0.05, "schedule": "constant",
-                      "augment": "none", "amp": False, "eval_each_epoch": False},
+    # one thread: clean 0.43/0.46 vs poisoned 0.20/0.18 at seeds 0/1 (measured), so the margin is not luck
+    base = {"model": "nats", "model_kwargs": {"arch": ARCH, "C": 8, "N": 1},
+            "dataset": "embedded", "max_train_examples": 384, "max_test_examples": 300,
+            "train": {"epochs": 3, "batch_size": 32, "lr": 0.1, "augment": "none",
+                      "amp": False, "eval_each_epoch": False},
             "measure_grad_var": False, "contours": False}
     acc = {}
     for p in (0.0, 0.5):
         ctx = LocalContext(tmp_path / f"t{p}", store_root=tmp_path / "s", device="cpu")
         acc[p] = kind({**base, "poison_fraction": p}, ctx)["acc"]
     assert acc[0.0] > 0.2  # the clean victim learned something (chance is 0.1)
-    assert acc[0.0] - acc[0.5] > 0.05
+    assert acc[0.0] - acc[0.5] > 0.1
     keys = {VictimSpec(**{k: v for k, v in base.items() if k in VictimSpec.model_fields},
                        poison_fraction=p).key() for p in (0.0, 0.5)}
     assert sorted(keys) == VictimStore(tmp_path / "s").keys()

@@ -223,17 +223,26 @@ def build_automl_report(tracking_uri: str, experiment: str, out_dir: str | Path,
     out.mkdir(parents=True, exist_ok=True)
     notes: list[str] = []
     files: dict[str, Path] = {}
-    v_runs = load_runs(tracking_uri, experiment, role="trial", stage=VICTIM_STAGE)
-    a_runs = load_runs(tracking_uri, experiment, role="trial", stage=ATTACK_STAGE)
-    for runs, stage in ((v_runs, VICTIM_STAGE), (a_runs, ATTACK_STAGE)):
+    # victims come from every stage of kind `victim`: stage `victims` trains the attacked models,
+    # stage `poisoning` retrains them on flipped labels (with its own p=0 reference for CAD)
+    all_runs = load_runs(tracking_uri, experiment, role="trial")
+    kind = all_runs.get("tag.nasrisk.kind")
+    stage = all_runs.get("tag.nasrisk.stage")
+    v_all = all_runs[kind == "victim"] if kind is not None else all_runs.iloc[:0]
+    v_runs = v_all[stage[v_all.index] == VICTIM_STAGE] if stage is not None else v_all
+    a_runs = all_runs[stage == ATTACK_STAGE] if stage is not None else all_runs.iloc[:0]
+    # one load holds both kinds: drop the other kind's (empty) param columns
+    v_all, v_runs, a_runs = (f.dropna(axis=1, how="all") for f in (v_all, v_runs, a_runs))
+    for runs, name in ((v_runs, VICTIM_STAGE), (a_runs, ATTACK_STAGE)):
         if runs.empty:
-            notes.append(f"No finished trial runs in stage `{stage}`.")
+            notes.append(f"No finished trial runs in stage `{name}`.")
     victims, attacks = data.victim_frame(v_runs), data.attack_frame(a_runs)
+    all_victims = data.victim_frame(v_all)
     client = mlflow.MlflowClient(tracking_uri=tracking_uri)
 
     accuracy = data.accuracy_table(victims)
     _write(accuracy, out / "accuracy.csv", files, "accuracy")
-    cad, cad_notes = data.cad_table(victims)
+    cad, cad_notes = data.cad_table(all_victims)
     notes.extend(cad_notes)
     _write(cad, out / "cad.csv", files, "cad")
     for setting, sub in cad.groupby("setting"):
