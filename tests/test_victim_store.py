@@ -27,6 +27,15 @@ def tiny_spec(**kw) -> VictimSpec:
     return VictimSpec(**{**base, **kw})
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One torch thread: the machine running the tests has two cores for everything."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 class RecordingContext(LocalContext):
     """A LocalContext that keeps its progress messages."""
 
