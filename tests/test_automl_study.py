@@ -1,6 +1,7 @@
 """automl-risks end to end at a tiny size: victims -> poisoning -> attacks through Ray Tune +
 MLflow, the report, and a kill + resume that retrains nothing that finished."""
 
+import json
 import os
 import signal
 import subprocess
@@ -25,7 +26,8 @@ def tiny_study(tmp_path, name):
     d = yaml.safe_load(spec_to_yaml(load_spec("automl-risks")))
     d["name"] = name
     sm = d["profiles"]["smoke"]["stages"]
-    sm["victims"].update(cases=MODELS, config={"train": TRAIN, **SIZES})
+    sm["victims"].update(cases=MODELS, config={"train": TRAIN, **SIZES, "grad_var_samples": 16,
+                                               "contour_steps": 5, "contour_examples": 16})
     sm["poisoning"].update(cases=MODELS, config={"train": TRAIN, **SIZES})
     sm["attacks"].update(cases=[{"victim": m} for m in MODELS],
                          config={"n_inputs": 8, "nes_max_queries": 210,
@@ -51,8 +53,9 @@ def test_automl_smoke_runs_reports_and_resumes_without_retraining(tmp_path):
         t0 = time.time()
         while time.time() - t0 < 600:
             rec = wd / "studies" / "automl-tiny" / "run.json"
-            if rec.exists() and "poisoning" in rec.read_text():
+            if rec.exists() and "poisoning" in json.loads(rec.read_text()).get("tune_experiments", {}):
                 break
+            assert drv.poll() is None, "the study ended before it could be killed"
             time.sleep(1)
         os.kill(drv.pid, signal.SIGKILL)
         drv.wait(30)

@@ -23,7 +23,9 @@ What an entry takes and returns, per registry:
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from typing import Any, Generic, TypeVar
+from typing import Annotated, Any, Generic, TypeVar
+
+from pydantic import AfterValidator
 
 from .errors import UserError
 
@@ -70,6 +72,12 @@ class Registry(Generic[T]):
             valid = ", ".join(sorted(self._entries)) or "(none registered)"
             raise UnknownEntryError(f"unknown {self.kind} {name!r}; valid: {valid}") from None
 
+    def validate_name(self, name: str) -> str:
+        """``name`` if registered, else ValueError listing the valid names (for pydantic)."""
+        if name not in self._entries:
+            raise ValueError(f"unknown {self.kind} {name!r}; valid: {', '.join(self.names())}")
+        return name
+
     def meta(self, name: str) -> dict[str, Any]:
         self.get(name)
         return dict(self._meta[name])
@@ -92,3 +100,8 @@ DATASETS: Registry[Callable[..., Any]] = Registry("dataset")
 ATTACKS: Registry[Callable[..., Any]] = Registry("attack")
 METRICS: Registry[Callable[..., Any]] = Registry("metric")
 TRIAL_KINDS: Registry[Callable[..., Any]] = Registry("trial kind")
+
+
+#: config field types that accept only registered names (validated before Ray starts)
+DatasetName = Annotated[str, AfterValidator(DATASETS.validate_name)]
+ModelName = Annotated[str, AfterValidator(MODELS.validate_name)]

@@ -25,7 +25,7 @@ import time
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
 from .context import TrialContext
@@ -33,7 +33,7 @@ from .data import dataset_info, load_dataset
 from .data.base import ImageData
 from .models.wrapper import Normalized
 from .poison.label_flip import flip_labels
-from .registry import DATASETS, MODELS
+from .registry import MODELS, DatasetName, ModelName
 from .store import VictimStore
 from .train import DARTS_ARTIFACT, DARTS_PAPER, TrainConfig, evaluate, train
 
@@ -54,9 +54,9 @@ class VictimSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    model: str
+    model: ModelName
     model_kwargs: dict[str, int | float | str] = {}
-    dataset: str = "cifar10"
+    dataset: DatasetName = "cifar10"
     params: Literal["paper", "artifact"] = "paper"
     train: TrainConfig | None = None
     poison_fraction: float = Field(0.0, ge=0.0, lt=1.0)
@@ -64,19 +64,7 @@ class VictimSpec(BaseModel):
     max_train_examples: int | None = Field(None, ge=1)
     max_test_examples: int | None = Field(None, ge=1)
 
-    @field_validator("model")
-    @classmethod
-    def _model(cls, v: str) -> str:
-        if v not in MODELS:
-            raise ValueError(f"unknown model {v!r}; valid: {', '.join(MODELS.names())}")
-        return v
 
-    @field_validator("dataset")
-    @classmethod
-    def _dataset(cls, v: str) -> str:
-        if v not in DATASETS:
-            raise ValueError(f"unknown dataset {v!r}; valid: {', '.join(DATASETS.names())}")
-        return v
 
     @model_validator(mode="after")
     def _kwargs(self) -> VictimSpec:

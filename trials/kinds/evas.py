@@ -24,7 +24,7 @@ from ..models.generator import TriggerGenerator
 from ..models.nats.arch_string import op_counts, parse_arch
 from ..models.nats.network import TinyNetwork
 from ..models.wrapper import Normalized
-from ..registry import DATASETS, TRIAL_KINDS
+from ..registry import TRIAL_KINDS, DatasetName
 from ..train import NATS_RECIPE, TrainConfig, train
 
 STRICT = ConfigDict(extra="forbid", frozen=True)
@@ -47,7 +47,7 @@ class EvasConfig(BaseModel):
 
     model_config = STRICT
     arch: str
-    dataset: str = "cifar10"
+    dataset: DatasetName = "cifar10"
     C: int = Field(16, ge=1)
     N: int = Field(5, ge=1)
     params: Literal["paper", "artifact"] = "paper"
@@ -65,12 +65,6 @@ class EvasConfig(BaseModel):
         parse_arch(v)  # raises ArchStringError naming the problem
         return v
 
-    @field_validator("dataset")
-    @classmethod
-    def _dataset(cls, v: str) -> str:
-        if v not in DATASETS:
-            raise ValueError(f"unknown dataset {v!r}; valid: {', '.join(DATASETS.names())}")
-        return v
 
 
 def _classifier_builder(cfg: EvasConfig):
