@@ -68,7 +68,8 @@ def _settings(dataset: pd.Series, params: pd.Series) -> pd.Series:
 def _joined(frame: pd.DataFrame) -> pd.Series:
     if frame.empty or frame.shape[1] == 0:
         return pd.Series("", index=frame.index, dtype=object)
-    return frame.astype(str).agg("|".join, axis=1)
+    # pandas 3 keeps NaN as missing through astype(str): stringify each cell explicitly
+    return frame.map(lambda v: "" if pd.isna(v) else str(v)).agg("|".join, axis=1)
 
 
 def victim_frame(runs: pd.DataFrame) -> pd.DataFrame:
