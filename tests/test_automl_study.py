@@ -65,7 +65,9 @@ def test_automl_smoke_runs_reports_and_resumes_without_retraining(tmp_path):
     victims_before = {r.data.tags["nasrisk.trial_key"]: r.info.end_time for r in runs(wd, "automl-tiny")
                       if r.data.tags.get("nasrisk.stage") == "victims"}
     assert len(victims_before) == 2
-    store_before = {p.name: p.stat().st_mtime_ns for p in (wd / "store").rglob("*.pt")}
+    # committed entries only (a .json beside the weights): a write may be in flight at the kill
+    store_before = {p.name: p.stat().st_mtime_ns for p in (wd / "store").rglob("*.pt")
+                    if p.with_suffix(".json").exists()}
     p = subprocess.run(NASRISK + ["resume", "automl-tiny", "--workdir", str(wd)], cwd=tmp_path,
                        capture_output=True, text=True, timeout=1500)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
