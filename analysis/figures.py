@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import NullFormatter
 from matplotlib.transforms import blended_transform_factory
 
 from nasrisk.analysis.stats import correlate
@@ -44,6 +45,8 @@ def _scatter_panel(ax, x: np.ndarray, y: np.ndarray, *, log_x: bool) -> None:
     ax.scatter(x[ok], y[ok], s=10, alpha=0.7, color="tab:blue", linewidths=0)
     if log_x and ok.any():
         ax.set_xscale("log")
+        # minor-tick labels (2x10^1, 3x10^1, ...) overlap on the short log ranges scores span
+        ax.xaxis.set_minor_formatter(NullFormatter())
     # Flagged scores (+inf, or no log) are drawn at the right edge of the axis, in red,
     # so they are visible rather than silently missing.
     flagged = ~x_ok & y_ok

@@ -9,7 +9,6 @@ import sys
 import time
 
 import mlflow
-import pytest
 import yaml
 
 from nasrisk.study.spec import load_spec, spec_to_yaml
@@ -43,7 +42,6 @@ def runs(wd, name):
     return [r for r in c.search_runs([exp.experiment_id], max_results=1000)]
 
 
-@pytest.mark.slow
 def test_automl_smoke_runs_reports_and_resumes_without_retraining(tmp_path):
     f = tiny_study(tmp_path, "automl-tiny")
     wd = tmp_path / "wd"
