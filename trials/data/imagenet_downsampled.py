@@ -27,10 +27,26 @@ IMAGENET32_60 = DatasetInfo("imagenet32-60", 60, 32, (0.4811, 0.4575, 0.4078),
 _FILES = [f"train_data_batch_{i}" for i in range(1, 11)] + ["val_data"]
 
 
+class _ArraysOnly(pickle.Unpickler):
+    """Unpickles numpy arrays and plain Python values only: a file handed in by a user cannot
+    run code (the official batches need nothing else)."""
+
+    ALLOWED = {("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "_reconstruct"),
+               ("numpy._core.multiarray", "_reconstruct"), ("_codecs", "encode"),
+               ("codecs", "encode")}
+
+    def find_class(self, module: str, name: str):  # noqa: ANN201
+        if (module, name) not in self.ALLOWED:
+            raise DatasetMissingError(f"{self.path}: not an official down-sampled ImageNet batch "
+                                      f"(it asks to load {module}.{name})")
+        return super().find_class(module, name)
+
+
 def _read(path: Path, size: int, keep: int) -> tuple[torch.Tensor, torch.Tensor]:
     with open(path, "rb") as f:
-        # The official batches are plain numpy pickles that the user downloaded themselves.
-        entry = pickle.load(f, encoding="latin1")  # noqa: S301
+        up = _ArraysOnly(f, encoding="latin1")
+        up.path = path
+        entry = up.load()
     x = np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, size, size)
     y = np.asarray(entry["labels"], dtype=np.int64) - 1
     m = y < keep
