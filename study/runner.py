@@ -101,6 +101,36 @@ def trial_name(trial: Any) -> str:
     return trial.config["trial"]["name"]
 
 
+def _payload(stage: StagePlan, keys: list[str] | None) -> list[dict[str, Any]] | None:
+    """What Tune's grid runs over: one entry per planned trial (``keys`` picks and orders)."""
+    if keys is None:
+        return None
+    by_key = {t.key: t for t in stage.trials}
+    return [{"key": t.key, "name": t.name, "stage": t.stage, "kind": t.kind, "config": t.config}
+            for t in (by_key[k] for k in keys if k in by_key)]
+
+
+def _restore_stage(path: Path, runtime: dict[str, Any], payload: list[dict[str, Any]] | None,
+                   label: str) -> None:
+    """Restore a stage's Tune experiment so unfinished trials continue from their checkpoints.
+
+    Tune does not save the param space with the experiment, so a driver killed before Tune's
+    first experiment snapshot leaves a state whose search algorithm would invent trials with
+    an empty config; the grid is therefore passed again (the same trials, from the run record).
+    Should the restore still fail, the unfinished trials start as a fresh experiment instead:
+    nothing is lost but their last epochs, and their MLflow runs are found by trial key."""
+    from ray import tune
+
+    kw = {"param_space": {"trial": tune.grid_search(payload)}} if payload else {}
+    try:
+        tuner = tune.Tuner.restore(str(path), trainable=_trainable(runtime),
+                                   resume_unfinished=True, resume_errored=True, **kw)
+        tuner.fit()
+    except Exception as e:  # noqa: BLE001 - trial errors never reach here, only Tune's own
+        print(f"[{label}] could not restore {path.name} ({type(e).__name__}: {e}); "
+              "running its unfinished trials as a new experiment", file=sys.stderr, flush=True)
+
+
 def trial_dirname(trial: Any) -> str:
     return f"{trial.config['trial']['key']}_{trial.trial_id}"
 
@@ -135,9 +165,8 @@ def _run_stage(plan: StudyPlan, stage: StagePlan, *, uri: str, exp_id: str, wd: 
                   flush=True)
             if todo:
                 init_ray(address)
-                tuner = tune.Tuner.restore(str(path), trainable=_trainable(runtime),
-                                           resume_unfinished=True, resume_errored=True)
-                tuner.fit()
+                _restore_stage(path, runtime, _payload(stage, record.get("tune_trials", {})
+                                                       .get(exps[-1])), label)
             done = set(done_runs(uri, exp_id, name)) & keys
     # 2. whatever MLflow does not hold as done: a fresh Tune experiment
     todo = [t for t in stage.trials if t.key not in done]
@@ -149,9 +178,9 @@ def _run_stage(plan: StudyPlan, stage: StagePlan, *, uri: str, exp_id: str, wd: 
         init_ray(address)
         exp_name = f"{plan.spec.name}.{name}.{len(exps) + 1}"
         exps.append(exp_name)
+        record.setdefault("tune_trials", {})[exp_name] = [t.key for t in todo]
         wd.save_run_record(plan.spec.name, record)
-        payload = [{"key": t.key, "name": t.name, "stage": t.stage, "kind": t.kind,
-                    "config": t.config} for t in todo]
+        payload = _payload(stage, [t.key for t in todo])
         tuner = tune.Tuner(
             _trainable(runtime),
             param_space={"trial": tune.grid_search(payload)},

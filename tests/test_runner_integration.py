@@ -104,19 +104,22 @@ def test_driver_sigkill_then_resume(tmp_path):
 
 
 def test_killed_worker_is_retried_from_its_last_epoch(tmp_path):
-    f = study_file(tmp_path, 1, 5, 1.5, name="worker-kill")
+    f = study_file(tmp_path, 1, 6, 2.0, name="worker-kill")
     wd = tmp_path / "wd"
     drv = subprocess.Popen(NASRISK + ["run", f, "--workdir", str(wd), "--max-failures", "2"],
                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        def at_epoch_2():
+        # epoch k's metric is logged just before its checkpoint is reported, and the driver
+        # learns of a checkpoint a moment later: wait for epoch 3's metric, so the epoch-2
+        # checkpoint has been known to the driver for about one epoch (2 s) at the kill
+        def at_epoch_3():
             for r in trial_runs(wd, "worker-kill"):
                 c = mlflow.MlflowClient(f"sqlite:///{wd}/mlflow.db")
                 steps = [m.step for m in c.get_metric_history(r.info.run_id, "value")]
-                if steps and max(steps) >= 2:
+                if steps and max(steps) >= 3:
                     return r
             return None
-        r = wait_for(at_epoch_2, 240, "epoch 2 of the trial")
+        r = wait_for(at_epoch_3, 240, "epoch 3 of the trial")
         os.kill(int(r.data.tags["nasrisk.pid"]), signal.SIGKILL)
         out, _ = drv.communicate(timeout=300)
     finally:
@@ -128,5 +131,28 @@ def test_killed_worker_is_retried_from_its_last_epoch(tmp_path):
     m = runs[0].data.metrics
     assert m["attempts"] == 2
     assert m["resumed_from_epoch"] >= 2                     # continued from its checkpoint ...
-    assert m["epochs_run"] == 5 - m["resumed_from_epoch"]   # ... and did only the rest
+    assert m["epochs_run"] == 6 - m["resumed_from_epoch"]   # ... and did only the rest
     assert runs[0].data.tags["nasrisk.status"] == "done"
+
+
+def test_resume_after_driver_died_before_tunes_first_snapshot(tmp_path):
+    """The driver dies right after creating the stage's Tune experiment (only ``tuner.pkl``
+    exists, which holds no param space): resume must run the planned trials, not trials
+    with an empty config."""
+    f = study_file(tmp_path, 3, 1, 0.0, name="early-kill")
+    wd = tmp_path / "wd"
+    die = ("import os, ray.tune as t; t.Tuner.fit = lambda self: os._exit(9); "
+           "from nasrisk.study.cli import main; main()")
+    p = subprocess.run([sys.executable, "-c", die, "run", f, "--workdir", str(wd)], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 9, p.stdout[-2000:] + p.stderr[-2000:]
+    exp_dir = wd / "tune" / "early-kill.probe.1"
+    assert (exp_dir / "tuner.pkl").exists()
+    assert not list(exp_dir.glob("experiment_state*.json"))
+    p = subprocess.run(NASRISK + ["resume", "early-kill", "--workdir", str(wd)], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=400)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert "3/3 done" in p.stdout and "could not restore" not in p.stderr, p.stderr[-2000:]
+    runs = trial_runs(wd, "early-kill")
+    assert sorted(r.data.tags["nasrisk.trial_key"] for r in runs) == sorted(
+        {r.data.tags["nasrisk.trial_key"] for r in runs}) and len(runs) == 3
