@@ -55,22 +55,6 @@ def run(args, cwd, timeout=400):
     return p.stdout
 
 
-def test_one_run_per_trial_and_rerun_skips_done(tmp_path):
-    f = study_file(tmp_path, 4, 2, 0.0)
-    wd = tmp_path / "wd"
-    out = run(["run", f, "--workdir", str(wd)], tmp_path)
-    assert "4/4 done" in out and "mlflow ui --backend-store-uri" in out
-    runs = trial_runs(wd, "probe-study")
-    assert len(runs) == 4
-    assert len({r.data.tags["nasrisk.trial_key"] for r in runs}) == 4
-    for r in runs:
-        assert r.info.status == "FINISHED" and r.data.tags["nasrisk.status"] == "done"
-        assert r.data.metrics["epochs_run"] == 2 and r.data.params["kind"] == "calibrate"
-    out = run(["run", f, "--workdir", str(wd)], tmp_path)
-    assert "4 of 4 trials already done in MLflow" in out
-    assert len(trial_runs(wd, "probe-study")) == 4
-
-
 def test_driver_sigkill_then_resume(tmp_path):
     f = study_file(tmp_path, 6, 3, 0.7, name="killed-study")
     wd = tmp_path / "wd"
@@ -135,24 +119,31 @@ def test_killed_worker_is_retried_from_its_last_epoch(tmp_path):
     assert runs[0].data.tags["nasrisk.status"] == "done"
 
 
-def test_resume_after_driver_died_before_tunes_first_snapshot(tmp_path):
+def test_early_driver_death_resume_one_run_per_trial_then_rerun_skips_done(tmp_path):
     """The driver dies right after creating the stage's Tune experiment (only ``tuner.pkl``
-    exists, which holds no param space): resume must run the planned trials, not trials
-    with an empty config."""
-    f = study_file(tmp_path, 3, 1, 0.0, name="early-kill")
+    exists, which holds no param space): resume runs the planned trials (not trials with an
+    empty config), one MLflow run each; running the study again finds them all done."""
+    f = study_file(tmp_path, 4, 2, 0.0)
     wd = tmp_path / "wd"
     die = ("import os, ray.tune as t; t.Tuner.fit = lambda self: os._exit(9); "
            "from nasrisk.study.cli import main; main()")
     p = subprocess.run([sys.executable, "-c", die, "run", f, "--workdir", str(wd)], cwd=tmp_path,
                        capture_output=True, text=True, timeout=300)
     assert p.returncode == 9, p.stdout[-2000:] + p.stderr[-2000:]
-    exp_dir = wd / "tune" / "early-kill.probe.1"
+    exp_dir = wd / "tune" / "probe-study.probe.1"
     assert (exp_dir / "tuner.pkl").exists()
     assert not list(exp_dir.glob("experiment_state*.json"))
-    p = subprocess.run(NASRISK + ["resume", "early-kill", "--workdir", str(wd)], cwd=tmp_path,
+    p = subprocess.run(NASRISK + ["resume", "probe-study", "--workdir", str(wd)], cwd=tmp_path,
                        capture_output=True, text=True, timeout=400)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    assert "3/3 done" in p.stdout and "could not restore" not in p.stderr, p.stderr[-2000:]
-    runs = trial_runs(wd, "early-kill")
-    assert sorted(r.data.tags["nasrisk.trial_key"] for r in runs) == sorted(
-        {r.data.tags["nasrisk.trial_key"] for r in runs}) and len(runs) == 3
+    assert "could not restore" not in p.stderr, p.stderr[-2000:]
+    assert "4/4 done" in p.stdout and "mlflow ui --backend-store-uri" in p.stdout, p.stdout
+    runs = trial_runs(wd, "probe-study")
+    assert len(runs) == 4
+    assert len({r.data.tags["nasrisk.trial_key"] for r in runs}) == 4
+    for r in runs:
+        assert r.info.status == "FINISHED" and r.data.tags["nasrisk.status"] == "done"
+        assert r.data.metrics["epochs_run"] == 2 and r.data.params["kind"] == "calibrate"
+    out = run(["run", f, "--workdir", str(wd)], tmp_path)
+    assert "4 of 4 trials already done in MLflow" in out
+    assert len(trial_runs(wd, "probe-study")) == 4
