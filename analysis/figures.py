@@ -23,7 +23,8 @@ from nasrisk.trials.errors import UserError
 _FLAG_COLOR = "tab:red"
 
 
-def _save(fig: Figure, path: str | Path, *, dpi: int = 150) -> Path:
+def save_figure(fig: Figure, path: str | Path, *, dpi: int = 150) -> Path:
+    """Render ``fig`` (object API, no pyplot state) to ``path``, creating its folder."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     FigureCanvasAgg(fig)
@@ -93,7 +94,7 @@ def scatter_grid(df: pd.DataFrame, xs: Sequence[str], ys: Sequence[str], *,
             ax.tick_params(labelsize=7)
     if title:
         fig.suptitle(title, fontsize=10)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def strip_by_family(df: pd.DataFrame, metric: str, family_col: str, *, path: str | Path,
@@ -121,7 +122,7 @@ def strip_by_family(df: pd.DataFrame, metric: str, family_col: str, *, path: str
     ax.set_ylabel(metric, fontsize=8)
     if title:
         ax.set_title(title, fontsize=9)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def bar_before_after(df: pd.DataFrame, label_col: str, before: str, after: str, *,
@@ -140,7 +141,7 @@ def bar_before_after(df: pd.DataFrame, label_col: str, before: str, after: str, 
     ax.legend(fontsize=7, frameon=False)
     if title:
         ax.set_title(title, fontsize=9)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def curves(series: Mapping[str, pd.DataFrame], *, path: str | Path, x: str = "step",
@@ -158,4 +159,4 @@ def curves(series: Mapping[str, pd.DataFrame], *, path: str | Path, x: str = "st
         ax.legend(fontsize=7, frameon=False)
     if title:
         ax.set_title(title, fontsize=9)
-    return _save(fig, path)
+    return save_figure(fig, path)

@@ -53,6 +53,8 @@ def describe_plan(plan: StudyPlan, *, workdir: str | Path | None = None,
                          f"{mean * len(st.trials) * r.cpu / 3600:.2f} CPU-hours; about "
                          f"{fmt_duration(wall)} wall on {cpus} CPUs ({conc} at a time)")
         else:
+            how = ("a few trials (e.g. --num-archs 4)" if st.spec.archs is not None else
+                   "part of the study (stop it any time; `nasrisk resume` goes on)")
             lines.append(f"    no measured cost for profile {plan.profile} in {uri} yet: run "
-                         "a few trials (e.g. --num-archs 4) and plan again")
+                         f"{how} and plan again")
     return "\n".join(lines)

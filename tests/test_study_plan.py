@@ -131,3 +131,14 @@ def test_profile_values_reach_nested_configs():
     cfg = {"victim": {"dataset": "cifar10"}}
     _inject(cfg, Outer, {"dataset": "embedded", "seed": 3, "params": None})
     assert cfg == {"victim": {"dataset": "embedded", "seed": 3}, "seed": 3}
+
+
+def test_a_stage_wide_nes_setting_changes_only_the_nes_trials(tmp_path):
+    d = yaml.safe_load(spec_to_yaml(load_spec("automl-risks")))
+    before = build_plan(load_spec(write(tmp_path, d)), RunOptions()).stages[2].trials
+    d["profiles"]["smoke"]["stages"]["attacks"]["config"]["nes_queries_per_estimate"] = 20
+    after = build_plan(load_spec(write(tmp_path, d)), RunOptions()).stages[2].trials
+    changed = {a.config["attack"] for a, b in zip(before, after, strict=True) if a.key != b.key}
+    assert changed == {"nes"}
+    assert all("nes_queries_per_estimate" not in t.config or t.config["attack"] == "nes"
+               or t.config["nes_queries_per_estimate"] is None for t in after)

@@ -12,18 +12,11 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from nasrisk.analysis.figures import save_figure
+
 FAMILY_COLORS = {"nas": "tab:red", "manual": "tab:blue", "variant": "tab:green"}
-
-
-def _save(fig: Figure, path: str | Path, *, dpi: int = 150) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    FigureCanvasAgg(fig)
-    fig.savefig(path, dpi=dpi)
-    return path
 
 
 def _grid_kw(cols: int, height: float, title: str | None) -> dict:
@@ -55,7 +48,7 @@ def cad_curves(cad: pd.DataFrame, *, path: str | Path, title: str | None = None)
         ax.legend(fontsize=7, frameon=False)
     if title:
         ax.set_title(title, fontsize=9)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def overlap_histogram_figure(hist: pd.DataFrame, *, path: str | Path,
@@ -76,7 +69,7 @@ def overlap_histogram_figure(hist: pd.DataFrame, *, path: str | Path,
     ax.legend(fontsize=7, frameon=False)
     if title:
         ax.set_title(title, fontsize=9)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def contour_grid(grids: Mapping[str, Mapping[str, np.ndarray]], *, path: str | Path,
@@ -104,7 +97,7 @@ def contour_grid(grids: Mapping[str, Mapping[str, np.ndarray]], *, path: str | P
         ax.set_axis_off()
     if title:
         fig.suptitle(title, fontsize=9)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def strip_grid(df: pd.DataFrame, metrics: list[str], *, path: str | Path,
@@ -143,4 +136,4 @@ def strip_grid(df: pd.DataFrame, metrics: list[str], *, path: str | Path,
         ax.set_axis_off()
     if title:
         fig.suptitle(title, fontsize=9)
-    return _save(fig, path)
+    return save_figure(fig, path)

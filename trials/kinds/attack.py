@@ -81,6 +81,16 @@ class AttackConfig(BaseModel):
 
     @model_validator(mode="before")
     @classmethod
+    def _drop_other_attacks_fields(cls, data: Any) -> Any:
+        # NES settings mean nothing to a PGD trial: leave them at their defaults there, so a
+        # stage-wide NES setting neither changes the PGD trials' keys (no rerun) nor shows up
+        # among their MLflow params as if it had mattered
+        if isinstance(data, dict) and data.get("attack") != "nes":
+            data = {k: v for k, v in data.items() if not k.startswith("nes_")}
+        return data
+
+    @model_validator(mode="before")
+    @classmethod
     def _params_from_victim(cls, data: Any) -> Any:
         # "params: same as the victim's" unless given: one parameter set per trial chain
         if isinstance(data, dict) and "params" not in data:
