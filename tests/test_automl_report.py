@@ -68,13 +68,15 @@ def _log(client, exp_id, *, name, stage, kind, params, metrics, artifacts=(), st
     return run.info.run_id
 
 
-def _victim(client, exp_id, tmp, model, dataset, p, *, contours=False):
-    acc = VALUES[("acc", model, dataset)] - (VALUES[("cad", model, p)] if p else 0.0)
+def _victim(client, exp_id, tmp, model, dataset, p, *, contours=False, acc=None, extra=None):
+    if acc is None:
+        acc = VALUES[("acc", model, dataset)] - (VALUES[("cad", model, p)] if p else 0.0)
     params = {"model": model, "model_kwargs.C": 8, "dataset": dataset, "params": "paper",
               "train": "None", "poison_fraction": p, "seed": 0, "max_train_examples": "None",
               "max_test_examples": "None", "measure_grad_var": True, "contours": True,
               "profile": "smoke", "stage": "victims", "kind": "victim",
               "victim_key": f"{model}-{dataset}-{p}", "family": FAMILY[model]}
+    params |= extra or {}
     if model in ARCH:
         params |= dict(zip(("cell_depth", "cell_width", "skip_count"), ARCH[model], strict=True))
     metrics = {"acc": acc, "param_count": 1e5, "train_seconds": 3.0}
@@ -94,12 +96,13 @@ def _victim(client, exp_id, tmp, model, dataset, p, *, contours=False):
          params=params, metrics=metrics, artifacts=artifacts)
 
 
-def _attack(client, exp_id, tmp, model, attack, metrics, *, status="done", artifacts=()):
+def _attack(client, exp_id, tmp, model, attack, metrics, *, status="done", artifacts=(),
+            extra=None):
     params = {"victim.model": model, "victim.dataset": "cifar10", "victim.params": "paper",
               "victim.poison_fraction": 0.0, "victim.seed": 0, "attack": attack,
               "n_inputs": 12, "params": "paper", "seed": 0, "profile": "smoke",
               "stage": "attacks", "kind": "attack", "victim_key": f"{model}-cifar10-0",
-              "model": model, "dataset": "cifar10", "family": FAMILY[model]}
+              "model": model, "dataset": "cifar10", "family": FAMILY[model], **(extra or {})}
     _log(client, exp_id, name=f"{attack} {model} cifar10", stage="attacks", kind="attack",
          params=params, metrics={"victim_acc": 0.9, **metrics}, status=status,
          artifacts=artifacts)
@@ -111,6 +114,12 @@ def store(tmp_path_factory):
     uri = f"sqlite:///{root}/mlflow.db"
     client = mlflow.MlflowClient(tracking_uri=uri)
     exp_id = client.create_experiment(EXPERIMENT, artifact_location=(root / "art").as_uri())
+    # runs of an earlier configuration of the same trials (absurd numbers), superseded by the
+    # later runs below: no table may average them in
+    _victim(client, exp_id, root, "enas", "cifar10", 0.0, acc=0.01,
+            extra={"max_train_examples": 100})
+    _attack(client, exp_id, root, "darts", "pgd_targeted", {"asr_m": 0.0, "asr_l": 0.0},
+            extra={"n_inputs": 3})
     for model in MODELS:
         for dataset in DATASETS:
             _victim(client, exp_id, root, model, dataset, 0.0, contours=dataset == "cifar10")
@@ -272,3 +281,11 @@ def test_missing_stages_give_notes_not_errors(tmp_path):
     summaries = client.search_runs([exp_id], filter_string="tags.\"nasrisk.role\" = 'summary'")
     assert len(summaries) == 1
     assert rep.n_victims == len(load_runs(uri, EXPERIMENT, stage="victims")) == 3
+
+
+def test_superseded_runs_are_left_out_and_noted(store):
+    assert store["report"].n_victims == len(MODELS) * (len(DATASETS) + len(POISON))
+    text = (store["out"] / "report.md").read_text()
+    assert "1 victim and 1 attack run(s) superseded" in text
+    acc = pd.read_csv(store["out"] / "accuracy.csv")
+    assert 0.01 not in acc.select_dtypes("number").to_numpy()

@@ -236,8 +236,13 @@ def build_automl_report(tracking_uri: str, experiment: str, out_dir: str | Path,
     for runs, name in ((v_runs, VICTIM_STAGE), (a_runs, ATTACK_STAGE)):
         if runs.empty:
             notes.append(f"No finished trial runs in stage `{name}`.")
-    victims, attacks = data.victim_frame(v_runs), data.attack_frame(a_runs)
-    all_victims = data.victim_frame(v_all)
+    victims, d_v = data.latest_per_trial(data.victim_frame(v_runs), data.VICTIM_TRIAL)
+    attacks, d_a = data.latest_per_trial(data.attack_frame(a_runs), data.ATTACK_TRIAL)
+    all_victims, _ = data.latest_per_trial(data.victim_frame(v_all), data.VICTIM_TRIAL)
+    if d_v or d_a:
+        notes.append(f"{d_v} victim and {d_a} attack run(s) superseded by a later run of the "
+                     "same model, setting, seed and attack (e.g. after a study's settings "
+                     "changed) were left out.")
     client = mlflow.MlflowClient(tracking_uri=tracking_uri)
 
     accuracy = data.accuracy_table(victims)
@@ -280,7 +285,7 @@ def build_automl_report(tracking_uri: str, experiment: str, out_dir: str | Path,
 
     report_md = out / "report.md"
     body = [f"# AutoML security risks — experiment `{experiment}`", "",
-            f"{len(v_runs)} finished victim runs, {len(a_runs)} finished attack runs. "
+            f"{len(victims)} victim runs, {len(attacks)} attack runs. "
             "Settings are `dataset/params`; model rows average a model's runs (seeds); "
             f"NAS minus manual with {ci:.0%} stratified-bootstrap CIs ({n_boot} resamples, "
             f"seed {seed}). CAD = acc(p=0) - acc(p).", ""]
@@ -303,7 +308,7 @@ def build_automl_report(tracking_uri: str, experiment: str, out_dir: str | Path,
     return AutomlReport(out_dir=out, report_md=report_md, files=files, accuracy=accuracy,
                         per_model=per_model, cad=cad, comparisons=comparisons,
                         overlap_hist=hist, arch_stats=arch, correlations=corr, notes=notes,
-                        n_victims=len(v_runs), n_attacks=len(a_runs), summary_run_id=run_id)
+                        n_victims=len(victims), n_attacks=len(attacks), summary_run_id=run_id)
 
 
 def _log_summary(client: mlflow.MlflowClient, experiment: str, out: Path,

@@ -87,6 +87,7 @@ def victim_frame(runs: pd.DataFrame) -> pd.DataFrame:
     v["seed"] = _col(runs, "param.seed", 0).astype(str)
     v["profile"] = _col(runs, "param.profile", "").fillna("").astype(str)
     v["poison"] = _numeric(runs, "param.poison_fraction").fillna(0.0)
+    v["stage"] = _col(runs, "tag.nasrisk.stage", "").fillna("").astype(str)
     ident_cols = sorted(c for c in runs.columns
                         if c.startswith("param.") and c not in _NOT_IDENTITY)
     v["ident"] = _joined(runs[ident_cols])
@@ -114,6 +115,8 @@ def attack_frame(runs: pd.DataFrame) -> pd.DataFrame:
     a["setting"] = _settings(a["dataset"], a["params"])
     a["attack"] = _col(runs, "param.attack", "?").astype(str)
     a["victim_poison"] = _numeric(runs, "param.victim.poison_fraction").fillna(0.0)
+    a["seed"] = _col(runs, "param.seed", 0).astype(str)
+    a["profile"] = _col(runs, "param.profile", "").fillna("").astype(str)
     for m in (*ATTACK_METRICS, "victim_acc"):
         a[m] = _numeric(runs, m)
     return a.reset_index(drop=True)
@@ -215,6 +218,21 @@ def _download(client, run_id: str, name: str, dst: Path) -> Path | None:
                 if not sub.is_dir and Path(sub.path).name == name:
                     return Path(client.download_artifacts(run_id, sub.path, str(dst)))
     return None
+
+
+# what makes two runs the same measurement; runs that agree on these but differ in other
+# settings (a study re-run after e.g. its NES budget changed) supersede each other
+VICTIM_TRIAL = ("stage", "base", "poison")
+ATTACK_TRIAL = ("setting", "model", "attack", "victim_poison", "seed", "profile")
+
+
+def latest_per_trial(df: pd.DataFrame, cols: tuple[str, ...]) -> tuple[pd.DataFrame, int]:
+    """The latest run of each ``cols`` combination (a re-configured trial supersedes its
+    older runs instead of being averaged with them), and how many runs were dropped."""
+    if df.empty:
+        return df, 0
+    keep = df.sort_values("start_time", kind="stable").groupby(list(cols)).tail(1)
+    return keep.sort_index(), len(df) - len(keep)
 
 
 def latest_per_model(df: pd.DataFrame) -> tuple[pd.DataFrame, int]:
