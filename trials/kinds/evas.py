@@ -13,7 +13,7 @@ import time
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from ..backdoor.input_aware import GeneratorConfig, save_trigger_examples, train_generator
 from ..context import TrialContext
@@ -64,6 +64,16 @@ class EvasConfig(BaseModel):
     def _arch(cls, v: str) -> str:
         parse_arch(v)  # raises ArchStringError naming the problem
         return v
+
+    @model_validator(mode="before")
+    @classmethod
+    def _generator_params(cls, data: object) -> object:
+        # the generator's epochs follow the trial's parameter set (PROTOCOLS 5)
+        if isinstance(data, dict) and "params" in data:
+            gen = data.get("generator", {})
+            if isinstance(gen, dict) and "params" not in gen:
+                data = {**data, "generator": {**gen, "params": data["params"]}}
+        return data
 
 
 
