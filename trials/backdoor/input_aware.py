@@ -7,18 +7,29 @@ Dynamic Backdoor Attack", NeurIPS 2020, Alg. 1) against the *clean, frozen* trai
 only the generator learns, so a high ASR means the architecture lets an input-dependent
 trigger take it over without touching its weights.
 
-Two phases, as the reference ran them:
+Two phases, as the reference (EVAS's TrojanZoo-based code) ran them:
 
-1. mask generator (``mask_epochs``): ``L = lambda_norm * mean(relu(m(x) - density))
-   + lambda_div * L_div(masks)``; the pattern generator is idle;
-2. pattern generator (``pattern_epochs``) with the mask generator frozen (eval mode, no
-   gradient): in each batch a fraction ``p_backdoor`` carries its own trigger and the target
-   label, a fraction ``p_cross`` carries the trigger of another input and keeps its true
-   label, the rest stay clean; ``L = CE(f(batch), labels) + lambda_div * L_div(patterns)``.
+1. mask generator (``mask_epochs``; `paper` 25, the EVAS paper's Table 6; `artifact` 10, the
+   reference scripts): ``L = lambda_norm * mean(relu(m(x) - density))
+   + lambda_div * L_div(x, x', m(x), m(x'))``; the pattern generator is idle;
+2. pattern generator (``pattern_epochs``, 10 in both sets) with the mask generator frozen
+   (eval mode, no gradient): in each batch of ``b`` inputs the first ``n_bd`` carry their own
+   trigger and the target label, the next ``n_cross`` carry the trigger of another input and
+   keep their true label, the rest stay clean; ``n_bd`` is ``p_backdoor * b`` rounded
+   stochastically (floor, plus one with probability the fractional part: 9.6 -> 10 with
+   probability 0.6, else 9; expectation exactly ``p_backdoor * b``), ``n_cross`` likewise
+   from ``p_cross``, as the reference does; ``L = CE(f(batch), labels)
+   + lambda_div * L_div(x~_bd, x~_cross, mark(x), mark(x'))`` over the first
+   ``k = min(n_bd, n_cross)`` pairs.
 
-``L_div`` is the diversity loss of Nguyen & Tran (Eq. 4): for pairs of different inputs,
-``||x - x'|| / ||g(x) - g(x')||`` (RMS distances), averaged over pairs; it keeps the generator
-from collapsing to one fixed trigger.
+``L_div`` is the diversity loss of Nguyen & Tran (Eq. 4) with the reference's L2 norms:
+
+    L_div(a, a', g, g') = (1/K) sum_k ||a_k - a'_k||_2 / (||g_k - g'_k||_2 + 1e-5),
+
+each norm over all channels and pixels of one sample (``a``: 3 channels; a mask ``g``: 1
+channel, a pattern: 3). In the mask phase ``a, a'`` are the two clean inputs; in the pattern
+phase they are the *blended trigger inputs* (the backdoor input and the cross-trigger input),
+not the clean ones. It keeps the generator from collapsing to one fixed trigger.
 """
 
 from __future__ import annotations
@@ -39,22 +50,30 @@ from ..data.base import ImageData, to_float
 from ..models.generator import TriggerGenerator
 from ..train import evaluate
 
-# Keeps sqrt and the ratio finite when two inputs (or their triggers) coincide.
-_EPS = 1e-7
+# Added to the trigger distance, as in the reference: two identical triggers give a large
+# finite ratio.
+_DIV_EPS = 1e-5
+#: generator epochs (mask, pattern) per parameter set (PROTOCOLS 5): the EVAS paper's Table 6
+#: says 25 mask epochs; the reference scripts ran 10 (``--train_mask_epochs 10 --epochs 10``).
+GENERATOR_EPOCHS = {"paper": (25, 10), "artifact": (10, 10)}
 
 
 class GeneratorConfig(BaseModel):
     """Generator training as EVAS ran it (PROTOCOLS 5); every default is the reference value
     except ``augment``.
 
-    ``augment`` is applied to each training batch before the trigger (the reference trained on
-    its training loader, which random-crops and flips CIFAR images).
+    ``mask_epochs`` / ``pattern_epochs`` left unset come from ``params``
+    (:data:`GENERATOR_EPOCHS`: `paper` 25 / 10, `artifact` 10 / 10); the validated config
+    always holds the numbers. ``augment`` is applied to each training batch before the
+    trigger (the reference trained on its training loader, which random-crops and flips CIFAR
+    images).
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    mask_epochs: int = Field(10, ge=0)
-    pattern_epochs: int = Field(10, ge=0)
+    params: Literal["paper", "artifact"] = "paper"
+    mask_epochs: int = Field(ge=0)
+    pattern_epochs: int = Field(ge=0)
     batch_size: int = Field(96, ge=2)
     lr: float = Field(0.01, gt=0)
     betas: tuple[float, float] = (0.5, 0.9)
@@ -69,6 +88,15 @@ class GeneratorConfig(BaseModel):
     #: encoder widths of both generator nets (PROTOCOLS 5: 32, 64, 128); smaller at `smoke`
     channels: tuple[int, int, int] = (32, 64, 128)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _epochs_from_params(cls, data: object) -> object:
+        if isinstance(data, Mapping):
+            mask, pattern = GENERATOR_EPOCHS.get(data.get("params", "paper"), (None, None))
+            if mask is not None:  # an unknown set is reported by the field's validation
+                data = {"mask_epochs": mask, "pattern_epochs": pattern, **data}
+        return data
+
     @model_validator(mode="after")
     def _fractions(self) -> GeneratorConfig:
         if self.p_backdoor + self.p_cross > 1:
@@ -76,17 +104,33 @@ class GeneratorConfig(BaseModel):
         return self
 
 
-def diversity_loss(x1: torch.Tensor, x2: torch.Tensor, g1: torch.Tensor,
+def diversity_loss(a1: torch.Tensor, a2: torch.Tensor, g1: torch.Tensor,
                    g2: torch.Tensor) -> torch.Tensor:
-    """Nguyen & Tran (2020), Eq. 4: mean over pairs of ``d(x1, x2) / d(g1, g2)``, with ``d``
-    the root-mean-square distance per sample.
+    """Nguyen & Tran (2020), Eq. 4, as the EVAS reference computes it:
+    ``mean_k ||a1_k - a2_k||_2 / (||g1_k - g2_k||_2 + 1e-5)``, each L2 norm over all entries
+    of one sample (channels x pixels), then the mean over the pairs.
 
-    Deviations: ``_EPS`` is added inside the square root of the trigger distance too, so two
-    identical triggers give a large finite loss instead of an infinite gradient.
+    ``a1, a2``: the paired inputs (clean inputs in the mask phase, the blended trigger inputs
+    in the pattern phase); ``g1, g2``: their masks or patterns.
+
+    Deviations: none from the reference. (Nguyen & Tran's own code uses root-mean-square
+    distances, which divide each norm by the square root of its entry count and so weight
+    the 1-channel mask phase differently; EVAS's code, which we follow, uses plain norms.)
     """
-    d_x = (x1 - x2).pow(2).flatten(1).mean(1).sqrt()
-    d_g = ((g1 - g2).pow(2).flatten(1).mean(1) + _EPS).sqrt()
-    return (d_x / (d_g + _EPS)).mean()
+    d_a = (a1 - a2).flatten(1).norm(p=2, dim=1)
+    d_g = (g1 - g2).flatten(1).norm(p=2, dim=1)
+    return (d_a / (d_g + _DIV_EPS)).mean()
+
+
+def stochastic_share(fraction: float, batch: int, generator: torch.Generator) -> int:
+    """``fraction * batch`` rounded stochastically, as the reference sizes the backdoor and
+    cross-trigger shares of a batch: the floor, plus one with probability equal to the
+    fractional part (9.6 -> 9 with probability 0.4, 10 with probability 0.6), so the expected
+    share is exactly ``fraction * batch``. One uniform draw from ``generator`` (a CPU
+    generator)."""
+    whole, frac = divmod(fraction * batch, 1.0)
+    u = float(torch.rand((), generator=generator))
+    return int(whole) + (u < frac)
 
 
 @torch.no_grad()
@@ -227,10 +271,12 @@ def train_generator(
     classifier.requires_grad_(False)
     n = len(y_train)
     rng = torch.Generator(device=device)
+    share_rng = torch.Generator()  # the stochastic rounding of the per-batch shares
     try:
         for epoch in range(start, total_epochs):
             t0 = time.perf_counter()
             rng.manual_seed(seed * 100_003 + epoch)
+            share_rng.manual_seed(seed * 100_043 + epoch)
             torch.manual_seed(seed * 100_019 + epoch)
             mask_phase = epoch < cfg.mask_epochs
             perm1 = torch.randperm(n, device=device, generator=rng).cpu()
@@ -244,7 +290,7 @@ def train_generator(
                     loss = _mask_step(generator, x1, x2, cfg, opt_m)
                 else:
                     loss = _pattern_step(classifier, generator, x1, y_train[i1].to(device), x2,
-                                         cfg, opt_p)
+                                         cfg, opt_p, share_rng)
                 total += loss * len(i1)
                 count += len(i1)
             (sched_m if mask_phase else sched_p).step()
@@ -302,10 +348,14 @@ def _mask_step(generator: TriggerGenerator, x1: torch.Tensor, x2: torch.Tensor,
 
 def _pattern_step(classifier: nn.Module, generator: TriggerGenerator, x1: torch.Tensor,
                   y1: torch.Tensor, x2: torch.Tensor, cfg: GeneratorConfig,
-                  opt: torch.optim.Optimizer) -> float:
+                  opt: torch.optim.Optimizer, share_rng: torch.Generator) -> float:
     """One pattern-generator step (Nguyen & Tran, Alg. 1 lines 8-16 with the classifier
-    frozen): backdoor + cross-trigger + clean cross-entropy over the whole batch, plus
-    diversity between the backdoor inputs and the inputs lending their cross triggers.
+    frozen; EVAS's reference loop): ``n_bd`` backdoor + ``n_cross`` cross-trigger + clean
+    cross-entropy over the whole batch, plus diversity between the first ``min(n_bd,
+    n_cross)`` backdoor inputs and cross-trigger inputs (numerator on these blended inputs,
+    denominator on their patterns). The shares are rounded stochastically
+    (:func:`stochastic_share`) and may be 0, as in the reference; a batch without trigger
+    inputs gives the generator no gradient and takes no step.
 
     The clean part is constant for the generator; it is computed without a graph and kept in
     the loss (as the reference's whole-batch mean) so the backdoor/cross terms keep their
@@ -314,31 +364,35 @@ def _pattern_step(classifier: nn.Module, generator: TriggerGenerator, x1: torch.
     generator.mask.eval()
     generator.pattern.train()
     b = len(y1)
-    n_bd = max(1, int(cfg.p_backdoor * b))
-    n_cross = min(int(cfg.p_cross * b), b - n_bd, len(x2))
-    with torch.no_grad():
-        mask_bd = generator.mask_of(x1[:n_bd])
-        mask_cross = generator.mask_of(x2[:n_cross])
-    mark_bd = generator.mark(x1[:n_bd])
-    x_bd = generator.blend(x1[:n_bd], mark_bd, mask_bd)
-    parts = [x_bd]
-    labels = [torch.full((n_bd,), cfg.target, dtype=y1.dtype, device=y1.device)]
+    n_bd = min(stochastic_share(cfg.p_backdoor, b, share_rng), b)
+    n_cross = min(stochastic_share(cfg.p_cross, b, share_rng), b - n_bd, len(x2))
+    parts, labels = [], []
     loss_div = torch.zeros((), device=x1.device)
+    with torch.no_grad():
+        mask_bd = generator.mask_of(x1[:n_bd]) if n_bd else None
+        mask_cross = generator.mask_of(x2[:n_cross]) if n_cross else None
+    if n_bd:
+        mark_bd = generator.mark(x1[:n_bd])
+        parts.append(generator.blend(x1[:n_bd], mark_bd, mask_bd))
+        labels.append(torch.full((n_bd,), cfg.target, dtype=y1.dtype, device=y1.device))
     if n_cross:
         mark_cross = generator.mark(x2[:n_cross])
         parts.append(generator.blend(x1[n_bd:n_bd + n_cross], mark_cross, mask_cross))
         labels.append(y1[n_bd:n_bd + n_cross])
+    if n_bd and n_cross:
         k = min(n_bd, n_cross)
-        loss_div = diversity_loss(x1[:k], x2[:k], mark_bd[:k], mark_cross[:k])
-    ce_sum = F.cross_entropy(classifier(torch.cat(parts)), torch.cat(labels), reduction="sum")
+        loss_div = diversity_loss(parts[0][:k], parts[1][:k], mark_bd[:k], mark_cross[:k])
+    ce_sum = (F.cross_entropy(classifier(torch.cat(parts)), torch.cat(labels), reduction="sum")
+              if parts else torch.zeros((), device=x1.device))
     with torch.no_grad():
         rest = x1[n_bd + n_cross:]
         ce_clean = (F.cross_entropy(classifier(rest), y1[n_bd + n_cross:], reduction="sum")
                     if len(rest) else torch.zeros((), device=x1.device))
     loss = (ce_sum + ce_clean) / b + cfg.lambda_div * loss_div
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    opt.step()
+    if parts:
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
     return float(loss.detach())
 
 
