@@ -14,6 +14,7 @@ from nasrisk.trials.backdoor.input_aware import (
     attack_success_rate,
     diversity_loss,
     save_trigger_examples,
+    stochastic_share,
     train_generator,
 )
 from nasrisk.trials.context import LocalContext, TrialContext
@@ -121,17 +122,107 @@ def test_forward_is_the_blend_and_cross_uses_the_other_trigger() -> None:
         assert not torch.allclose(g.cross(x, x2), g(x))
 
 
-def test_diversity_loss_is_the_distance_ratio() -> None:
-    x1, x2 = torch.zeros(2, 3, 4, 4), torch.full((2, 3, 4, 4), 0.6)
-    g1, g2 = torch.zeros(2, 1, 4, 4), torch.full((2, 1, 4, 4), 0.3)
-    assert diversity_loss(x1, x2, g1, g2).item() == pytest.approx(2.0, rel=1e-4)
-    assert torch.isfinite(diversity_loss(x1, x2, g1, g1))  # identical triggers stay finite
+def test_diversity_loss_is_the_l2_distance_ratio() -> None:
+    """Hand example: L_div = mean_k ||a_k - a'_k||_2 / (||g_k - g'_k||_2 + 1e-5) with per-sample
+    norms over all channels and pixels (the EVAS reference). Sample 0: inputs differ by 0.6 in
+    all 48 entries (norm 0.6 sqrt(48)), masks by 0.3 in all 16 (norm 1.2); sample 1: one entry
+    each, by 1.0 and 0.5. The RMS version gave 0.6/0.3 = 2 for sample 0."""
+    x1, x2 = torch.zeros(2, 3, 4, 4), torch.zeros(2, 3, 4, 4)
+    g1, g2 = torch.zeros(2, 1, 4, 4), torch.zeros(2, 1, 4, 4)
+    x2[0] = 0.6
+    g2[0] = 0.3
+    x2[1, 2, 1, 3] = 1.0
+    g2[1, 0, 3, 0] = 0.5
+    want = (0.6 * math.sqrt(48) / (1.2 + 1e-5) + 1.0 / (0.5 + 1e-5)) / 2
+    assert diversity_loss(x1, x2, g1, g2).item() == pytest.approx(want, rel=1e-6)
+    assert diversity_loss(x1[:1], x2[:1], g1[:1], g2[:1]).item() == pytest.approx(
+        math.sqrt(3) * 2 / (1 + 1e-5 / 1.2), rel=1e-6)
+    # identical triggers: large but finite, and a finite gradient
+    g = g1.clone().requires_grad_()
+    loss = diversity_loss(x1, x2, g, g1)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(g.grad).all()
+
+
+def test_stochastic_share_rounds_9_6_to_9_or_10_with_expectation_9_6() -> None:
+    gen = torch.Generator().manual_seed(0)
+    draws = torch.tensor([stochastic_share(0.1, 96, gen) for _ in range(20_000)])
+    assert set(draws.tolist()) == {9, 10}
+    # P(10) = 0.6: binomial sd sqrt(.24 / 20000) = 0.0035, so 4 sd is 0.014
+    assert (draws == 10).float().mean().item() == pytest.approx(0.6, abs=0.014)
+    assert draws.float().mean().item() == pytest.approx(9.6, abs=0.014)
+    # integral shares are exact, and the draws are reproducible under the generator's seed
+    assert {stochastic_share(0.25, 96, gen) for _ in range(200)} == {24}
+    a = [stochastic_share(0.1, 96, torch.Generator().manual_seed(5)) for _ in range(3)]
+    assert a == [stochastic_share(0.1, 96, torch.Generator().manual_seed(5)) for _ in range(3)]
+
+
+def test_pattern_phase_diversity_numerator_is_on_the_blended_trigger_inputs(monkeypatch) -> None:
+    """The pattern step pairs the backdoor inputs x~ = blend(x, mark(x), m(x)) with the
+    cross-trigger inputs blend(x', mark(x2), m(x2)) in the numerator, and their patterns in the
+    denominator (the reference's input_dist / mark_dist)."""
+    import copy
+
+    from nasrisk.trials.backdoor import input_aware
+
+    torch.manual_seed(0)
+    g = TriggerGenerator(channels=(4, 8, 8))
+    clf = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 10)).requires_grad_(False)
+    x1, x2 = torch.rand(10, 3, 8, 8), torch.rand(10, 3, 8, 8)
+    y1 = torch.randint(0, 10, (10,))
+    cfg = GeneratorConfig(p_backdoor=0.2, p_cross=0.2, augment="none")  # 2 and 2, exactly
+    ref = copy.deepcopy(g)
+    ref.mask.eval()
+    ref.pattern.train()
+    with torch.no_grad():
+        mark_bd, mark_cross = ref.mark(x1[:2]), ref.mark(x2[:2])
+        x_bd = ref.blend(x1[:2], mark_bd, ref.mask_of(x1[:2]))
+        x_cross = ref.blend(x1[2:4], mark_cross, ref.mask_of(x2[:2]))
+    seen = []
+
+    def record(a1, a2, g1, g2):
+        seen.append([t.detach() for t in (a1, a2, g1, g2)])
+        return diversity_loss(a1, a2, g1, g2)
+
+    monkeypatch.setattr(input_aware, "diversity_loss", record)
+    opt = torch.optim.Adam(g.pattern.parameters(), lr=0.01)
+    input_aware._pattern_step(clf, g, x1, y1, x2, cfg, opt, torch.Generator().manual_seed(0))
+    (a1, a2, g1, g2), = seen
+    for got, want in ((a1, x_bd), (a2, x_cross), (g1, mark_bd), (g2, mark_cross)):
+        assert torch.allclose(got, want, atol=1e-6)
+    assert not torch.allclose(a1, x1[:2], atol=1e-3)  # not the clean inputs
+
+
+def test_generator_epochs_follow_the_parameter_set() -> None:
+    """PROTOCOLS 5: `paper` 25 mask / 10 pattern epochs (EVAS Table 6), `artifact` 10 / 10
+    (the reference scripts); explicit values win; the EVAS trial passes its set on, and so does
+    the built-in study under --params."""
+    from nasrisk.study.plan import RunOptions, build_plan
+    from nasrisk.study.spec import load_spec
+    from nasrisk.trials.kinds.evas import EvasConfig
+
+    epochs = lambda c: (c.mask_epochs, c.pattern_epochs)  # noqa: E731
+    assert epochs(GeneratorConfig()) == (25, 10)
+    assert epochs(GeneratorConfig(params="paper")) == (25, 10)
+    assert epochs(GeneratorConfig(params="artifact")) == (10, 10)
+    assert epochs(GeneratorConfig(params="artifact", mask_epochs=3)) == (3, 10)
+    arch = "|nor_conv_3x3~0|+|skip_connect~0|nor_conv_3x3~1|+|none~0|none~1|avg_pool_3x3~2|"
+    assert epochs(EvasConfig(arch=arch).generator) == (25, 10)
+    assert epochs(EvasConfig(arch=arch, params="artifact").generator) == (10, 10)
+    assert epochs(EvasConfig(arch=arch, params="artifact",
+                             generator={"batch_size": 32}).generator) == (10, 10)
+    spec = load_spec("evas-kappa")
+    for params, want in (("paper", (25, 10)), ("artifact", (10, 10))):
+        plan = build_plan(spec, RunOptions(profile="paper", num_archs=1, params=params))
+        (trial,) = plan.stages[0].trials
+        assert (trial.config["generator"]["mask_epochs"],
+                trial.config["generator"]["pattern_epochs"]) == want
 
 
 def test_config_rejects_unknown_keys_and_bad_fractions() -> None:
     cfg = GeneratorConfig()
     assert (cfg.mask_epochs, cfg.pattern_epochs, cfg.batch_size, cfg.lr, cfg.betas) == (
-        10, 10, 96, 0.01, (0.5, 0.9))
+        25, 10, 96, 0.01, (0.5, 0.9))
     assert (cfg.lambda_div, cfg.lambda_norm, cfg.mask_density) == (1.0, 100.0, 0.032)
     assert (cfg.p_backdoor, cfg.p_cross, cfg.target) == (0.1, 0.1, 0)
     with pytest.raises(ValueError):
