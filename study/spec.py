@@ -6,6 +6,12 @@ product of the listed values). Profiles (``smoke``, ``paper``, ...) override dat
 count, seed and config fields. Everything is validated here, before Ray starts: an unknown
 field, kind, dataset or profile, a malformed arch string, a negative epoch count all raise
 :class:`~nasrisk.trials.errors.UserError` with one line naming the problem.
+
+Reading a study file is guarded too: it must be UTF-8 text of at most
+:data:`MAX_STUDY_BYTES`; duplicate mapping keys are refused (YAML keeps the last one silently);
+aliases may not expand the document past :data:`MAX_YAML_NODES` nodes (a 1 KB "billion
+laughs" file would otherwise become gigabytes once a plan copies it) nor nest deeper than
+:data:`MAX_YAML_DEPTH`.
 """
 
 from __future__ import annotations
@@ -13,22 +19,38 @@ from __future__ import annotations
 import copy
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_serializer,
+    field_validator,
+)
 
 from nasrisk.trials.errors import UserError
 
 STRICT = ConfigDict(extra="forbid", frozen=True)
+
+MAX_STUDY_BYTES = 8 * 2**20
+#: nodes of the YAML document with every alias expanded; the built-in studies have < 1,000, a
+#: grid listing all 15,625 NATS arch strings ~16,000
+MAX_YAML_NODES = 250_000
+MAX_YAML_DEPTH = 64
+#: the names of nasrisk.analysis.reports.REPORTS (importing it here would load MLflow for
+#: every command; tests/test_cli_errors.py checks the two agree)
+REPORT_NAMES = ("automl", "evas")
 
 
 class Resources(BaseModel):
     """What one trial of a stage asks Ray for (fractional GPUs let small trials share one)."""
 
     model_config = STRICT
-    cpu: float = Field(1.0, gt=0)
-    gpu: float = Field(0.0, ge=0)
+    cpu: float = Field(1.0, gt=0, le=1024, allow_inf_nan=False)
+    gpu: float = Field(0.0, ge=0, le=64, allow_inf_nan=False)
 
 
 class ArchSampling(BaseModel):
@@ -36,7 +58,7 @@ class ArchSampling(BaseModel):
 
     model_config = STRICT
     count: int = Field(24, ge=1)
-    seed: int = 0
+    seed: int = Field(0, ge=0, lt=2**32)
     all: bool = False  # every one of the 15,625 strings (the reference scripts' walk)
     distinct: Literal["isomorphism", "string"] = "isomorphism"
 
@@ -51,9 +73,20 @@ class StageSpec(BaseModel):
     #: partial configs, each deep-merged into ``config`` (crossed with ``grid``): for values
     #: that go together, e.g. a model and the size arguments that only it takes
     cases: list[dict[str, Any]] = []
-    grid: dict[str, list[Any]] = {}
+    grid: dict[str, Annotated[list[Any], Field(min_length=1)]] = {}
     archs: ArchSampling | None = None
     needs: list[str] = []  # earlier stages whose outputs this stage reads
+
+
+class StageOverride(BaseModel):
+    """What a profile changes in one stage: config merged in, cases and resources replaced,
+    grid entries added or replaced."""
+
+    model_config = STRICT
+    config: dict[str, Any] = {}
+    cases: list[dict[str, Any]] | None = None
+    grid: dict[str, Annotated[list[Any], Field(min_length=1)]] = {}
+    resources: dict[str, Any] = {}
 
 
 class ProfileSpec(BaseModel):
@@ -61,11 +94,15 @@ class ProfileSpec(BaseModel):
     description: str = ""
     dataset: str | None = None
     num_archs: int | None = Field(None, ge=1)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=0, lt=2**32)
     #: merged into every stage's config (nested dicts merge key by key)
     config: dict[str, Any] = {}
     #: per stage: {"config": {...}, "cases": [...], "grid": {...}, "resources": {...}}
-    stages: dict[str, dict[str, Any]] = {}
+    stages: dict[str, StageOverride] = {}
+
+    @field_serializer("stages")
+    def _dump_overrides(self, stages: dict[str, StageOverride]) -> dict[str, dict[str, Any]]:
+        return {k: v.model_dump(mode="json", exclude_unset=True) for k, v in stages.items()}
 
 
 class StudySpec(BaseModel):
@@ -78,6 +115,13 @@ class StudySpec(BaseModel):
     report: str | None = None
     profiles: dict[str, ProfileSpec]
     stages: list[StageSpec] = Field(min_length=1)
+
+    @field_validator("report")
+    @classmethod
+    def _known_report(cls, v: str | None) -> str | None:
+        if v is not None and v not in REPORT_NAMES:
+            raise ValueError(f"unknown report {v!r}; valid: {', '.join(REPORT_NAMES)}")
+        return v
 
 
 def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
@@ -113,6 +157,100 @@ def builtin_names() -> list[str]:
     return sorted(p.stem for p in builtin_dir().glob("*.yaml"))
 
 
+class _StudyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader``; :func:`parse_yaml` checks the composed node tree before building
+    Python values from it."""
+
+
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+
+
+def _check_nodes(root: yaml.Node, where: str) -> None:
+    """Refuse duplicate keys, alias expansion past :data:`MAX_YAML_NODES` and nesting past
+    :data:`MAX_YAML_DEPTH`. Iterative, memoised by node (an alias is the same node object), so
+    an alias bomb is measured without being expanded."""
+    size: dict[int, int] = {}
+    depth: dict[int, int] = {}
+    on_path: set[int] = set()
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:
+        node, done = stack.pop()
+        nid = id(node)
+        if isinstance(node, yaml.ScalarNode):
+            size[nid], depth[nid] = 1, 1
+            continue
+        if isinstance(node, yaml.MappingNode):
+            kids = [n for pair in node.value for n in pair]
+        else:
+            kids = list(node.value)
+        if done:
+            on_path.discard(nid)
+            size[nid] = 1 + sum(size[id(k)] for k in kids)
+            depth[nid] = 1 + max((depth[id(k)] for k in kids), default=0)
+            if size[nid] > MAX_YAML_NODES:
+                raise UserError(f"{where}: line {node.start_mark.line + 1}: aliases expand this "
+                                f"document past {MAX_YAML_NODES:,} values (an alias bomb?); "
+                                "write the values out or use fewer aliases")
+            if depth[nid] > MAX_YAML_DEPTH:
+                raise UserError(f"{where}: line {node.start_mark.line + 1}: nested more than "
+                                f"{MAX_YAML_DEPTH} levels deep")
+            continue
+        if nid in size:
+            continue
+        if nid in on_path:
+            raise UserError(f"{where}: line {node.start_mark.line + 1}: an alias refers to "
+                            "a value that contains it (recursive YAML)")
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[tuple[str, str], int] = {}
+            for key, _ in node.value:
+                if not isinstance(key, yaml.ScalarNode) or key.tag == _MERGE_TAG:
+                    continue
+                if (key.tag, key.value) in seen:
+                    raise UserError(f"{where}: line {key.start_mark.line + 1}: duplicate key "
+                                    f"{key.value!r} (first at line {seen[key.tag, key.value]})")
+                seen[key.tag, key.value] = key.start_mark.line + 1
+        on_path.add(nid)
+        stack.append((node, True))
+        stack.extend((k, False) for k in kids if id(k) not in size)
+
+
+def parse_yaml(text: str, where: str) -> Any:
+    """YAML text -> Python values, safely (see the module docstring); UserError otherwise."""
+    loader = _StudyLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _check_nodes(node, where)
+        return loader.construct_document(node)
+    except RecursionError:
+        raise UserError(f"{where}: nested more than {MAX_YAML_DEPTH} levels deep") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise UserError(f"{where}:{at} is not valid YAML ({problem})") from None
+    finally:
+        loader.dispose()
+
+
+def read_study_file(path: Path, where: str) -> str:
+    """The text of a study file: readable, at most :data:`MAX_STUDY_BYTES`, UTF-8."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_STUDY_BYTES + 1)
+    except OSError as e:
+        raise UserError(f"cannot read study file {path}: {e.strerror or e}") from None
+    if len(data) > MAX_STUDY_BYTES:
+        raise UserError(f"{where}: larger than {MAX_STUDY_BYTES // 2**20} MiB; a study file "
+                        "lists stages and grids, not data")
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{where}: not UTF-8 text (byte 0x{data[e.start]:02x} at offset "
+                        f"{e.start}); save it as UTF-8") from None
+
+
 def load_spec(study: str) -> StudySpec:
     """A built-in study name or a path to a YAML study file -> validated spec."""
     path = Path(study)
@@ -120,18 +258,19 @@ def load_spec(study: str) -> StudySpec:
         path = builtin_dir() / f"{study}.yaml"
         where = f"built-in study {study}"
     elif path.suffix in (".yaml", ".yml") or path.exists():
-        if not path.is_file():
+        if not path.exists():
             raise UserError(f"study file {path} not found")
+        if not path.is_file():
+            raise UserError(f"study file {path} is not a file")
         where = str(path)
     else:
         raise UserError(f"unknown study {study!r}; built-in: {', '.join(builtin_names())} "
                         "(or give a path to a .yaml study file)")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        line = getattr(getattr(e, "problem_mark", None), "line", None)
-        at = f" line {line + 1}" if line is not None else ""
-        raise UserError(f"{where}:{at} is not valid YAML ({getattr(e, 'problem', e)})") from None
+    return validate_spec(parse_yaml(read_study_file(path, where), where), where)
+
+
+def validate_spec(raw: Any, where: str) -> StudySpec:
+    """Parsed YAML -> a spec whose stages and profiles refer to each other consistently."""
     if not isinstance(raw, dict):
         raise UserError(f"{where}: a study file must be a YAML mapping")
     try:
@@ -141,6 +280,9 @@ def load_spec(study: str) -> StudySpec:
     if spec.default_profile not in spec.profiles:
         raise UserError(f"{where}: default_profile {spec.default_profile!r} is not a profile")
     names = [s.name for s in spec.stages]
+    if len(set(names)) != len(names):
+        dup = next(n for n in names if names.count(n) > 1)
+        raise UserError(f"{where}: two stages are named {dup!r}")
     for i, s in enumerate(spec.stages):
         for need in s.needs:
             if need not in names[:i]:
@@ -159,7 +301,6 @@ def spec_to_yaml(spec: StudySpec) -> str:
 
 
 def spec_from_yaml(text: str, where: str = "saved study") -> StudySpec:
-    try:
-        return StudySpec.model_validate(yaml.safe_load(text))
-    except ValidationError as e:
-        raise UserError(format_validation_error(e, where)) from None
+    if not isinstance(text, str):
+        raise UserError(f"{where}: not YAML text")
+    return validate_spec(parse_yaml(text, where), where)
