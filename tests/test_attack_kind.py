@@ -27,7 +27,11 @@ VICTIM = {"model": "nats", "model_kwargs": {"arch": ARCH, "C": 8, "N": 1},
 OTHER = {"model": "darts", "model_kwargs": {"C": 4, "layers": 3}, "dataset": "embedded",
          "train": {"epochs": 0, "amp": False}, "max_train_examples": 100,
          "max_test_examples": 200}
-NES_SMALL = {"nes_queries_per_estimate": 20, "nes_max_queries": 105}
+NES_SMALL = {"nes_queries_per_estimate": 20}
+# most queries one input can cost (most-/least-likely): NES 1 clean + 3 / 7 iterations x
+# (20 + 1 check); PGD `paper` 1 clean + 5 restarts x (3 / 7 iterations + 1)
+MAX_QUERIES = {"nes": {"m": 1 + 3 * 21, "l": 1 + 7 * 21},
+               "pgd_targeted": {"m": 1 + 5 * 4, "l": 1 + 5 * 8}}
 
 run_attack = TRIAL_KINDS.get("attack")
 
@@ -84,7 +88,7 @@ def test_first_trial_trains_victim_and_victim_stage_loads_it(first, monkeypatch)
 
 
 @pytest.mark.parametrize("attack, keys", [
-    ("pgd_targeted", ["asr_m", "asr_l"]),
+    ("pgd_targeted", ["asr_m", "asr_l", "pgd_queries_m", "pgd_queries_l"]),
     ("pgd_sweep", [f"asr_eps_{e}" for e in (1, 2, 4, 8, 16)]),
     ("nes", ["nes_asr_m", "nes_asr_l", "nes_queries_m", "nes_queries_l"]),
     ("pgd_overlap", ["overlap_fooled"]),
@@ -101,7 +105,7 @@ def test_every_attack_runs_through_the_kind(first, attack, keys, tmp_path, monke
         assert k in out
     for k in keys:
         if "queries" in k:
-            assert 0 < out[k] <= NES_SMALL["nes_max_queries"]
+            assert 1 < out[k] <= MAX_QUERIES[attack][k[-1]]
         else:
             assert 0.0 <= out[k] <= 1.0
     if attack == "pgd_sweep":  # the same start for every eps: a bigger ball fools more
@@ -110,10 +114,14 @@ def test_every_attack_runs_through_the_kind(first, attack, keys, tmp_path, monke
     name = "overlap.npz" if attack == "pgd_overlap" else f"{attack}.npz"
     with np.load(ctx.artifact_dir / name) as z:
         assert len(z["indices"]) == out["n_attacked"] or attack == "pgd_overlap"
-        if attack == "nes":  # every query a multiple of (estimate + success check)
-            assert (z["queries_m"] % 21 == 0).all() and (z["queries_m"] <= 105).all()
-            ok = z["success_m"]
-            assert (z["queries_m"][~ok] == 105).all()  # failures spent the whole budget
+        if attack in MAX_QUERIES:  # the per-input counts are in the artifact
+            q, ok = z["queries_m"], z["success_m"]
+            assert (q <= MAX_QUERIES[attack]["m"]).all() and (q >= 2).all()
+            assert (q[~ok] == MAX_QUERIES[attack]["m"]).all()  # failures spent the budget
+            metric = "pgd_queries_m" if attack == "pgd_targeted" else "nes_queries_m"
+            assert out[metric] == pytest.approx(q.mean())
+        if attack == "nes":  # 1 clean query + whole iterations (estimate + success check)
+            assert ((z["queries_m"] - 1) % 21 == 0).all()
     cfg_model = run_attack.config_model.model_validate(cfg)
     assert run_attack.trial_name(cfg_model) == f"{attack} nats embedded"
     assert run_attack.extra_params(cfg_model)["family"] == "nats"
@@ -161,17 +169,17 @@ def test_artifact_params_change_pgd_and_nes(first, tmp_path):
     assert not (ok_art & ~loose.success).any()  # the 0.99 criterion only removes successes
     assert ok_art.sum() < loose.success.sum()
     assert art["asr_m"] < paper["asr_m"]
-    # NES: `artifact` spends 100 queries per estimate (+1 check), `paper` 400
-    budget = {"nes_max_queries": 202, "n_inputs": 4}
-    out = {}
-    for params in ("paper", "artifact"):
+    # NES: `paper` 3 / 7 iterations of 400 queries, `artifact` 7 of 100 (+1 check each, +1
+    # clean query per input)
+    for params, per, iters in (("paper", 400, {"m": 3, "l": 7}),
+                               ("artifact", 100, {"m": 7, "l": 7})):
         c = ctx_for(tmp_path / f"nes-{params}", store)
-        out[params] = run_attack({"victim": VICTIM, "attack": "nes", "params": params, **budget},
-                                 c)
+        run_attack({"victim": VICTIM, "attack": "nes", "params": params, "n_inputs": 2}, c)
         with np.load(c.artifact_dir / "nes.npz") as z:
-            q = z["queries_l"]
-        assert set(q.tolist()) <= ({0} if params == "paper" else {101, 202})
-    assert out["paper"]["nes_asr_l"] == 0.0  # a 202-query budget buys no 400-query estimate
+            for tag, k in iters.items():
+                q, ok = z[f"queries_{tag}"], z[f"success_{tag}"]
+                assert set(q.tolist()) <= {1 + j * (per + 1) for j in range(1, k + 1)}
+                assert (q[~ok] == 1 + k * (per + 1)).all()
 
 
 def test_params_default_to_the_victims():

@@ -1,5 +1,6 @@
 """PGD (PROTOCOLS 4): reductions to known cases (eps 0, FGSM), the sweep's monotone trend,
-target rules, the threat-model constraints and the overlap histogram."""
+target rules, the threat-model constraints, success at any iteration (kept at the first), query
+counts and the overlap histogram."""
 
 import numpy as np
 import pytest
@@ -106,6 +107,41 @@ def test_targeted_case_respects_threat_model(trained, params, case):
         prob = logits.softmax(1).gather(1, r.targets[:, None])[:, 0]
         assert (prob[r.success] > 0.99).all()
     assert r.asr == pytest.approx(r.success.float().mean().item())
+    # 1 clean query + one forward per iterate judged; a failure runs every restart in full
+    runs = p.restarts if p.random_start else 1
+    assert (r.queries >= 2).all() and (r.queries <= 1 + runs * (p.iters + 1)).all()
+    assert (r.queries[~r.success] == 1 + runs * (p.iters + 1)).all()
+
+
+class MeanPixelBand(nn.Module):
+    """3 classes from s = mean(x) - 0.5: logits (0, 2 - 1e5 (s - 0.009)^2, -10). The target
+    (class 1) wins only for s in about (0.0045, 0.0135); from s = 0 a sign step of 2/255 moves
+    s by 2/255 exactly (all pixels share the gradient's sign)."""
+
+    def __init__(self):
+        super().__init__()
+        self.anchor = nn.Parameter(torch.zeros(()))  # a device for model_device
+
+    def forward(self, x):
+        s = x.flatten(1).mean(1) - 0.5
+        l1 = 2 - 1e5 * (s - 0.009) ** 2
+        return torch.stack([torch.zeros_like(s), l1, torch.full_like(s, -10.0)], 1)
+
+
+def test_success_at_an_intermediate_iterate_is_kept():
+    model = MeanPixelBand()
+    x, y, t = torch.full((3, 1, 2, 2), 0.5), torch.zeros(3, dtype=torch.long), torch.ones(3).long()
+    kw = dict(eps=8 / 255, step=2 / 255, iters=2, targeted=True, targets=t, random_start=False)
+    # iterate 1 (s = 2/255) is the target; the gradient there still points up, so iterate 2
+    # (s = 4/255) is class 0 again: the old PGD judged only that last iterate (ASR 0)
+    r = pgd(model, x, y, **kw)
+    assert r.success.all() and torch.allclose(r.x_adv, x + 2 / 255)
+    assert (r.queries == 2).all()  # iterates 0 and 1
+    with torch.no_grad():
+        assert (model(r.x_adv).argmax(1) == 1).all()
+    last = pgd(model, x, y, stop_at_success=False, **kw)  # Madry's / ART's convention
+    assert not last.success.any() and torch.allclose(last.x_adv, x + 4 / 255)
+    assert (last.queries == 3).all()
 
 
 def test_protocol_settings():

@@ -12,13 +12,52 @@ import math
 from typing import Literal
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
 from ..registry import ATTACKS
 from .targets import AttackResult, Case, clean_logits, is_success, model_device, select_targets
 
 ParamSet = Literal["paper", "artifact"]
-QUERIES_PER_ESTIMATE = {"paper": 400, "artifact": 100}
+
+
+class NESParams(BaseModel):
+    """One NES setting (PROTOCOLS 4 table, NES row)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    eps: float = Field(8 / 255, ge=0)
+    step: float = Field(2 / 255, ge=0)
+    iters: int = Field(7, ge=0)
+    queries_per_estimate: int = Field(400, ge=2)
+    sigma: float = Field(1e-3, gt=0)
+    success_prob: float | None = None
+
+    @model_validator(mode="after")
+    def _even(self) -> NESParams:
+        if self.queries_per_estimate % 2:
+            raise ValueError("queries_per_estimate must be even (antithetic pairs), got "
+                             f"{self.queries_per_estimate}")
+        return self
+
+    def max_queries(self) -> int:
+        """The most model queries one input can cost: 1 clean query + ``iters`` x
+        (estimate + 1 success check of the new iterate)."""
+        return 1 + self.iters * (self.queries_per_estimate + 1)
+
+
+def nes_params(case: Case, params: ParamSet = "paper") -> NESParams:
+    """PROTOCOLS 4, NES: ``paper`` = the PGD setting ("same setting of Figure 2": eps 8/255,
+    step 2/255, 3 iterations most-likely / 7 least-likely) with one gradient estimate of 400
+    queries per iteration; ``artifact`` = 7 iterations of 100 queries, success also needs
+    target probability > 0.99. sigma 1e-3 in both."""
+    if case not in ("most", "least"):
+        raise ValueError(f"case must be 'most' or 'least', got {case!r}")
+    if params == "paper":
+        return NESParams(iters=3 if case == "most" else 7, queries_per_estimate=400)
+    if params == "artifact":
+        return NESParams(iters=7, queries_per_estimate=100, success_prob=0.99)
+    raise ValueError(f"params must be 'paper' or 'artifact', got {params!r}")
 
 
 def _target_loss(model: nn.Module, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -55,36 +94,43 @@ def nes_gradient(model: nn.Module, x: torch.Tensor, targets: torch.Tensor, *, qu
 
 @ATTACKS.register("nes", threat="black-box (scores)", norm="linf", source="PROTOCOLS 4")
 def nes(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *,
-        targets: torch.Tensor | None = None, case: Case = "most", eps: float = 8 / 255,
-        step: float = 2 / 255, queries_per_estimate: int | None = None,
-        max_queries: int = 10_000, sigma: float = 1e-3, params: ParamSet = "paper",
-        success_prob: float | None = None, seed: int = 0, batch_size: int = 32,
-        forward_batch: int = 4096) -> AttackResult:
+        targets: torch.Tensor | None = None, case: Case = "most", params: ParamSet = "paper",
+        queries_per_estimate: int | None = None, iters: int | None = None,
+        eps: float | None = None, step: float | None = None, seed: int = 0,
+        batch_size: int = 32, forward_batch: int = 4096) -> AttackResult:
     """Targeted NES attack (PROTOCOLS 4 "NES"; Ilyas et al. 2018, Alg. 1 without the
-    partial-information part): per step, estimate the gradient of f = -log p_target with
-    :func:`nes_gradient`, step ``x <- x - step * sign(g)``, project onto the ``eps``-ball
-    and [0, 1], then query once to check success (argmax == target, and target probability
-    > ``success_prob`` when set). Each input stops at its first success or when another
-    step would exceed ``max_queries``; ``result.queries`` counts every model evaluation
-    spent on it (estimates + success checks; the clean query that picks the targets is
-    not counted, as the targets are given in the threat model).
+    partial-information part), settings from :func:`nes_params` for ``case`` and ``params``.
 
-    ``targets`` default to the ``case`` rule on the clean output; ``queries_per_estimate``
-    defaults to ``params``: ``paper`` 400, ``artifact`` 100.
+    Query 0 is the clean input (it picks the targets by the ``case`` rule when ``targets`` is
+    None, and judges iterate 0). Then per iteration: estimate the gradient of
+    f = -log p_target with :func:`nes_gradient` (``queries_per_estimate`` queries), step
+    ``x <- x - step * sign(g)``, project onto the ``eps``-ball and [0, 1], and query the new
+    iterate once to judge it. Success: argmax == target (``artifact``: and target probability
+    > 0.99) at *any* iterate within ``iters`` (Pang et al. 2022, Sec. 3.2, "within maximum
+    iterations"); an input stops at its first success and keeps that iterate.
+    ``result.queries`` counts every model query spent on an input: 1 clean + k x (estimate
+    + 1) after k iterations, so at most :meth:`NESParams.max_queries` (``paper``: 1,204
+    most-likely, 2,808 least-likely; ``artifact``: 708), which a failed input spends in full.
 
-    Deviations: the protocol gives neither step nor budget: we use step 2/255 (the PGD
-    step) and ``max_queries`` 10,000 (Ilyas et al.'s L-inf budget scale).
+    ``queries_per_estimate``, ``iters``, ``eps`` and ``step`` override the parameter set
+    (None = keep it): the smoke profile shrinks ``queries_per_estimate`` only.
+
+    Deviations: the paper counts 400 queries per iteration; the success check of each
+    iterate is one more query, counted here (a black-box attacker must query a point to
+    know it succeeded).
     """
-    if params not in QUERIES_PER_ESTIMATE:
-        raise ValueError(f"params must be 'paper' or 'artifact', got {params!r}")
-    n = queries_per_estimate or QUERIES_PER_ESTIMATE[params]
+    p = nes_params(case, params)
+    over = {"queries_per_estimate": queries_per_estimate, "iters": iters, "eps": eps,
+            "step": step}
+    p = NESParams(**{**p.model_dump(), **{k: v for k, v in over.items() if v is not None}})
+    n = p.queries_per_estimate
     device = model_device(model)
     was_training = model.training
     model.eval()
+    clean = clean_logits(model, x, forward_batch)  # query 0 of every input
     if targets is None:
-        targets = select_targets(clean_logits(model, x, forward_batch), case)
+        targets = select_targets(clean, case)
     gen = torch.Generator(device=device).manual_seed(seed)
-    max_steps = max_queries // (n + 1)
     out_x, out_ok, out_q = [], [], []
     try:
         for i in range(0, len(x), batch_size):
@@ -92,20 +138,21 @@ def nes(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *,
             tb = targets[i:i + batch_size].to(device)
             yb = y[i:i + batch_size].to(device)
             xa = x0.clone()
-            done = torch.zeros(len(x0), dtype=torch.bool, device=device)
-            queries = torch.zeros(len(x0), dtype=torch.long, device=device)
-            lo, hi = (x0 - eps).clamp(min=0), (x0 + eps).clamp(max=1)
-            for _ in range(max_steps):
+            done = is_success(clean[i:i + batch_size].to(device), yb, targets=tb,
+                              success_prob=p.success_prob)
+            queries = torch.ones(len(x0), dtype=torch.long, device=device)
+            lo, hi = (x0 - p.eps).clamp(min=0), (x0 + p.eps).clamp(max=1)
+            for _ in range(p.iters):
                 act = torch.nonzero(~done).flatten()
                 if len(act) == 0:
                     break
-                g = nes_gradient(model, xa[act], tb[act], queries=n, sigma=sigma,
+                g = nes_gradient(model, xa[act], tb[act], queries=n, sigma=p.sigma,
                                  generator=gen, forward_batch=forward_batch)
-                new = xa[act] - step * g.sign()
+                new = xa[act] - p.step * g.sign()
                 xa[act] = torch.minimum(torch.maximum(new, lo[act]), hi[act])
                 with torch.no_grad():
                     ok = is_success(model(xa[act]), yb[act], targets=tb[act],
-                                    success_prob=success_prob)
+                                    success_prob=p.success_prob)
                 queries[act] += n + 1
                 done[act] = ok
             out_x.append(xa.cpu())

@@ -6,17 +6,19 @@ USENIX Security 2022, Sec. 4 and Table 3) or untargeted (the eps sweep and the o
 
 Hand-written rather than ART's ``ProjectedGradientDescentPyTorch``: ``bench/bench_attacks.py``
 runs both on the same model and inputs. Measured on 2 CPU cores shared with other jobs (load
-average ~8, so timings are noisy; small CNN, 100-200 inputs): without random start both give
-the same adversarial inputs (max |dx| < 1e-8) and success verdicts; ART/ours time ratio 1.2-1.8
-for one run and 1.6-2.1 for 5 restarts in most runs, with one outlier run at 0.67. Both are
-dominated by the model's forward/backward, so speed alone is a weak argument; the decision
-rests on what ART cannot do without wrapping: keep the *first* successful restart per input
-(ART overwrites with later successes), the ``artifact`` target-probability criterion, restarts
-only for inputs not yet fooled, and no numpy round trip per batch on a GPU.
+average ~8, so timings are noisy; small CNN, 100-200 inputs): without random start and with
+``stop_at_success=False`` both give the same adversarial inputs (max |dx| < 1e-8) and success
+verdicts; ART/ours time ratio 1.2-1.8 for one run and 1.6-2.1 for 5 restarts in most runs,
+with one outlier run at 0.67. Both are dominated by the model's forward/backward, so speed
+alone is a weak argument; the decision rests on what ART cannot do without wrapping: success
+at *any* iteration with the input kept at its first success (ART judges the last iterate and
+overwrites with later successful restarts), the ``artifact`` target-probability criterion,
+restarts only for inputs not yet fooled, and no numpy round trip per batch on a GPU.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -59,9 +61,19 @@ def pgd_params(case: Case, params: ParamSet = "paper") -> PGDParams:
     raise ValueError(f"params must be 'paper' or 'artifact', got {params!r}")
 
 
-def _pgd_run(model: nn.Module, x0: torch.Tensor, label: torch.Tensor, *, eps: float, step: float,
-             iters: int, targeted: bool, random_start: bool, gen: torch.Generator) -> torch.Tensor:
-    """One PGD run from ``x0`` (one restart); ``label`` is the target or the true class."""
+def _pgd_run(model: nn.Module, x0: torch.Tensor, label: torch.Tensor, y: torch.Tensor, *,
+             targets: torch.Tensor | None, eps: float, step: float, iters: int, targeted: bool,
+             random_start: bool, success_prob: float | None, stop_at_success: bool,
+             gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One PGD run from ``x0`` (one restart); ``label`` is the target or the true class.
+
+    Returns ``(x_adv, success, queries)``. The forward pass at iterate ``t`` (``t = 0`` is the
+    start point) both judges it and, for ``t < iters``, gives the gradient of the next step,
+    so judging every iterate costs no extra query: an input is evaluated at most
+    ``iters + 1`` times. With ``stop_at_success`` an input stops (and keeps its iterate) at
+    its first success; without, every input runs all ``iters`` steps and only the last
+    iterate is judged.
+    """
     if random_start and eps > 0:
         noise = torch.rand(x0.shape, generator=gen, device=x0.device, dtype=x0.dtype)
         xa = (x0 + (2 * noise - 1) * eps).clamp_(0, 1)
@@ -70,27 +82,58 @@ def _pgd_run(model: nn.Module, x0: torch.Tensor, label: torch.Tensor, *, eps: fl
     # descend the loss to the target, ascend the loss of the true class
     sign = -1.0 if targeted else 1.0
     lo, hi = (x0 - eps).clamp(min=0), (x0 + eps).clamp(max=1)
-    for _ in range(iters):
-        xa.requires_grad_(True)
-        loss = F.cross_entropy(model(xa).float(), label, reduction="sum")
-        (g,) = torch.autograd.grad(loss, xa)
-        xa = torch.minimum(torch.maximum(xa.detach() + sign * step * g.sign(), lo), hi)
-    return xa.detach()
+    ok = torch.zeros(len(x0), dtype=torch.bool, device=x0.device)
+    queries = torch.zeros(len(x0), dtype=torch.long, device=x0.device)
+    act = torch.arange(len(x0), device=x0.device)
+    for t in range(iters + 1):
+        if len(act) == 0:
+            break
+        last = t == iters
+        xs = xa[act].detach().requires_grad_(not last)
+        with torch.set_grad_enabled(not last):
+            logits = model(xs).float()
+        queries[act] += 1
+        if stop_at_success or last:
+            hit = is_success(logits.detach(), y[act],
+                             targets=targets[act] if targets is not None else None,
+                             success_prob=success_prob)
+        else:
+            hit = torch.zeros(len(act), dtype=torch.bool, device=x0.device)
+        ok[act] = hit
+        if last:
+            break
+        # per-sample losses are independent in eval mode, so the sum's gradient is per input
+        loss = F.cross_entropy(logits, label[act], reduction="sum")
+        (g,) = torch.autograd.grad(loss, xs)
+        new = torch.minimum(torch.maximum(xs.detach() + sign * step * g.sign(), lo[act]),
+                            hi[act])
+        keep = act[~hit]
+        xa[keep] = new[~hit]
+        act = keep
+    return xa, ok, queries
 
 
 def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, step: float,
         iters: int, targeted: bool, targets: torch.Tensor | None = None,
         random_start: bool = True, restarts: int = 1, success_prob: float | None = None,
-        seed: int = 0, batch_size: int = 256) -> AttackResult:
+        stop_at_success: bool = True, seed: int = 0, batch_size: int = 256) -> AttackResult:
     """L-inf PGD on [0, 1] inputs ``x`` with labels ``y`` (Madry et al. 2018).
 
     Each iteration steps ``step * sign(grad)`` of the summed cross-entropy (towards
     ``targets`` when ``targeted``, away from ``y`` otherwise), then projects onto the
     ``eps``-ball of ``x`` intersected with [0, 1]. The random start is uniform in the ball.
-    With ``restarts > 1`` an input keeps the first restart that succeeds; inputs that never
-    succeed keep the last one. Success is judged after the last iteration of a restart:
-    argmax == target (targeted) or != ``y``, plus target probability > ``success_prob``
-    when set (the ``artifact`` criterion). The model runs in eval mode (restored after).
+    Success: argmax == target (targeted) or != ``y``, plus target probability >
+    ``success_prob`` when set (the ``artifact`` criterion), at *any* iterate of a restart,
+    the start point included (Pang et al. 2022, Sec. 3.2, "within maximum iterations"); an
+    input stops at its first successful iterate and keeps it. With ``restarts > 1`` only
+    inputs not yet fooled are restarted, so an input keeps its first success; inputs that
+    never succeed keep the last iterate of the last restart. ``stop_at_success=False``
+    judges only the last iterate of each restart (Madry et al.'s and ART's convention; for
+    comparisons). The model runs in eval mode (restored after).
+
+    ``result.queries``: forward passes of the model per input inside this call, at most
+    ``restarts * (iters + 1)`` (one per iterate judged; the last iterate's pass has no
+    backward). The wrappers that pick targets from the clean output add that 1 query.
 
     Deviations: restarts without random start are identical, so only one is run.
     """
@@ -101,7 +144,7 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, step:
     model.eval()
     gen = torch.Generator(device=device).manual_seed(seed)
     n_runs = restarts if random_start and eps > 0 else 1
-    x_adv, success = [], []
+    x_adv, success, spent = [], [], []
     try:
         for i in range(0, len(x), batch_size):
             xb = x[i:i + batch_size].to(device).float()
@@ -109,27 +152,36 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, step:
             tb = targets[i:i + batch_size].to(device) if targeted else None
             label = tb if targeted else yb
             best, done = xb.clone(), torch.zeros(len(xb), dtype=torch.bool, device=device)
+            queries = torch.zeros(len(xb), dtype=torch.long, device=device)
             for _ in range(n_runs):
                 todo = torch.nonzero(~done).flatten()
                 if len(todo) == 0:
                     break
-                xa = _pgd_run(model, xb[todo], label[todo], eps=eps, step=step, iters=iters,
-                              targeted=targeted, random_start=random_start, gen=gen)
-                with torch.no_grad():
-                    ok = is_success(model(xa), yb[todo], targets=tb[todo] if targeted else None,
-                                    success_prob=success_prob)
+                xa, ok, q = _pgd_run(model, xb[todo], label[todo], yb[todo],
+                                     targets=tb[todo] if targeted else None, eps=eps,
+                                     step=step, iters=iters, targeted=targeted,
+                                     random_start=random_start, success_prob=success_prob,
+                                     stop_at_success=stop_at_success, gen=gen)
                 best[todo] = xa
                 done[todo] = ok
+                queries[todo] += q
             x_adv.append(best.cpu())
             success.append(done.cpu())
+            spent.append(queries.cpu())
     finally:
         model.train(was_training)
     success_t = torch.cat(success) if success else torch.zeros(0, dtype=torch.bool)
     return AttackResult(
         x_adv=torch.cat(x_adv) if x_adv else x.float().cpu(), success=success_t,
         asr=success_t.float().mean().item() if len(success_t) else float("nan"),
+        queries=torch.cat(spent) if spent else torch.zeros(0, dtype=torch.long),
         targets=targets.cpu() if targets is not None else None,
     )
+
+
+def _with_clean_query(r: AttackResult) -> AttackResult:
+    """``r`` with the clean query that picked the targets added to every input's count."""
+    return dataclasses.replace(r, queries=r.queries + 1)
 
 
 @ATTACKS.register("pgd_targeted", threat="white-box", norm="linf", source="PROTOCOLS 4")
@@ -139,12 +191,16 @@ def pgd_targeted_case(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, cas
     """Targeted PGD of PROTOCOLS 4 (Pang et al. 2022, Table 3, ASR(M) / ASR(L)): the target is
     the 2nd most likely (``case="most"``) or least likely (``"least"``) class of the clean
     input; settings from :func:`pgd_params` for ``params`` = ``"paper"`` or ``"artifact"``.
-    ``x`` should be correctly classified inputs (:func:`~.targets.select_correct`)."""
+    ``x`` should be correctly classified inputs (:func:`~.targets.select_correct`). Success at
+    any iteration within the maximum (:func:`pgd`); ``result.queries`` = 1 clean query +
+    forward passes, at most ``1 + restarts * (iters + 1)`` (``paper``: 21 most-likely, 41
+    least-likely; ``artifact``: 9)."""
     p = pgd_params(case, params)
     targets = select_targets(clean_logits(model, x, batch_size), case)
-    return pgd(model, x, y, eps=p.eps, step=p.step, iters=p.iters, targeted=True,
-               targets=targets, random_start=p.random_start, restarts=p.restarts,
-               success_prob=p.success_prob, seed=seed, batch_size=batch_size)
+    return _with_clean_query(pgd(
+        model, x, y, eps=p.eps, step=p.step, iters=p.iters, targeted=True, targets=targets,
+        random_start=p.random_start, restarts=p.restarts, success_prob=p.success_prob,
+        seed=seed, batch_size=batch_size))
 
 
 @dataclass(frozen=True)
@@ -197,9 +253,10 @@ def pgd_overlap_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *,
     """
     p = pgd_params(case, params)
     targets = select_targets(clean_logits(model, x, batch_size), case)
-    return pgd(model, x, y, eps=eps, step=eps / 4, iters=p.iters, targeted=True,
-               targets=targets, random_start=p.random_start, restarts=p.restarts,
-               success_prob=p.success_prob, seed=seed, batch_size=batch_size)
+    return _with_clean_query(pgd(
+        model, x, y, eps=eps, step=eps / 4, iters=p.iters, targeted=True, targets=targets,
+        random_start=p.random_start, restarts=p.restarts, success_prob=p.success_prob,
+        seed=seed, batch_size=batch_size))
 
 
 def overlap_histogram(masks_by_model: Mapping[str, torch.Tensor] | Sequence[torch.Tensor],

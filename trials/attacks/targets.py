@@ -7,7 +7,11 @@ the success criterion and the result type.
   least likely class.
 * Success: the model's argmax is the target (targeted) or differs from the true label
   (untargeted); the ``artifact`` parameter set also requires the target's probability to
-  exceed a threshold (0.99).
+  exceed a threshold (0.99). An input succeeds when *any* iterate within the maximum number
+  of iterations meets the criterion (Pang et al. 2022, Sec. 3.2: "classified as its target
+  class within maximum iterations"); the attack keeps it at its first successful iterate.
+* Queries: ``AttackResult.queries`` counts the model evaluations spent on each input, the
+  clean query included (each attack's docstring gives its exact count).
 """
 
 from __future__ import annotations
@@ -28,9 +32,11 @@ Case = Literal["most", "least"]
 class AttackResult:
     """The outcome of an evasion attack on a batch (all tensors on CPU).
 
-    ``x_adv`` the adversarial inputs in [0, 1]; ``success`` one bool per input; ``asr`` the
-    attack success rate (mean of ``success``); ``queries`` model evaluations spent per input
-    (black-box attacks only, else None); ``targets`` the target classes (targeted attacks).
+    ``x_adv`` the adversarial inputs in [0, 1] (a successful input at its first successful
+    iterate); ``success`` one bool per input; ``asr`` the attack success rate (mean of
+    ``success``); ``queries`` model evaluations spent per input, the clean query included
+    (int64; None where an attack does not count them); ``targets`` the target classes
+    (targeted attacks).
     """
 
     x_adv: torch.Tensor
@@ -40,7 +46,8 @@ class AttackResult:
     targets: torch.Tensor | None = None
 
     def metrics(self, prefix: str = "") -> dict[str, float]:
-        """Scalar summary for logging: ASR, and mean queries of the successful inputs."""
+        """Scalar summary for logging: ASR, mean queries over all inputs and over the
+        successful ones."""
         out = {f"{prefix}asr": self.asr}
         if self.queries is not None:
             q = self.queries.float()

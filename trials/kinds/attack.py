@@ -11,12 +11,17 @@ victim, the inputs and the runner.
 1 when this trial had to train the victim, always):
 
 * ``pgd_targeted``: ``asr_m``, ``asr_l`` - targeted PGD, most-/least-likely target
-  (:func:`~nasrisk.trials.attacks.pgd.pgd_targeted_case`, settings of ``params``).
+  (:func:`~nasrisk.trials.attacks.pgd.pgd_targeted_case`, settings of ``params``), and
+  ``pgd_queries_m``, ``pgd_queries_l``: mean model evaluations per attacked input (1 clean
+  query + one forward pass per iterate judged, at most ``1 + restarts * (iters + 1)``).
 * ``pgd_sweep``: ``asr_eps_1`` ... ``asr_eps_16`` - untargeted PGD per eps in /255
   (:func:`~nasrisk.trials.attacks.pgd.pgd_eps_sweep`).
 * ``nes``: ``nes_asr_m``, ``nes_asr_l``, ``nes_queries_m``, ``nes_queries_l`` (mean model
-  queries spent per attacked input, successful or not) and ``nes_queries_success_m/_l``
-  (mean over the successful inputs) (:func:`~nasrisk.trials.attacks.nes.nes`).
+  queries spent per attacked input, successful or not: 1 clean query + (estimate + 1
+  success check) per iteration run, at most ``1 + iters * (queries_per_estimate + 1)``) and
+  ``nes_queries_success_m/_l`` (mean over the successful inputs)
+  (:func:`~nasrisk.trials.attacks.nes.nes`, settings of ``params``:
+  :func:`~nasrisk.trials.attacks.nes.nes_params`).
 * ``pgd_overlap``: ``overlap_fooled``, ``overlap_clean_acc``, ``overlap_asr`` and the artifact
   ``overlap.npz`` (:func:`~nasrisk.trials.attacks.pgd.pgd_overlap_attack`).
 
@@ -33,13 +38,19 @@ misclassifies is not attacked and counts as not fooled (``correct`` in ``overlap
 them apart), so a model's count of fooled inputs is never inflated by its clean errors.
 ``overlap_fooled`` = fooled / all indices, ``overlap_asr`` = fooled / correctly classified.
 
+For PGD and NES an input succeeds when any iterate within the maximum iterations reaches the
+target (Pang et al. 2022, Sec. 3.2) and is kept at its first success.
+
 Each finished part (a PGD case, an NES case, the sweep) is saved through ``ctx.save_state``, so
 a retried trial does not redo it. Every trial also writes ``<attack>.npz`` (indices into the
-test split, per-input success masks, targets, queries) as an artifact.
+test split, per-input success masks, targets, and for ``pgd_targeted`` and ``nes`` the
+per-input query counts ``queries_m`` / ``queries_l``) as an artifact.
 
 Deviations: the protocol runs the eps sweep and the overlap study on CIFAR10 only; the trial
 accepts any dataset (the study chooses). ``params`` defaults to the victim's parameter set;
-set it explicitly to attack one victim with both settings.
+set it explicitly to attack one victim with both settings. ``nes_queries_per_estimate``
+shrinks NES's estimates (the smoke profile does, CPU time) and keeps the parameter set's
+iterations.
 """
 
 from __future__ import annotations
@@ -66,7 +77,8 @@ SWEEP_EPS_255 = (1, 2, 4, 8, 16)  # PROTOCOLS 4, PGD untargeted sweep
 
 class AttackConfig(BaseModel):
     """One attack trial. ``nes_queries_per_estimate`` None = the ``params`` default
-    (``paper`` 400, ``artifact`` 100); ``nes_max_queries`` is the per-input query budget."""
+    (``paper`` 400, ``artifact`` 100); the NES iterations are always the parameter set's
+    (``paper`` 3 most-likely / 7 least-likely, ``artifact`` 7)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -75,7 +87,6 @@ class AttackConfig(BaseModel):
     n_inputs: int = Field(1000, ge=1)
     params: Literal["paper", "artifact"] = "paper"
     seed: int = 0
-    nes_max_queries: int = Field(10_000, ge=3)
     nes_queries_per_estimate: int | None = Field(None, ge=2)
     batch_size: int = Field(256, ge=1)
 
@@ -139,9 +150,10 @@ def _targeted(model, x, y, cfg: AttackConfig, ctx: TrialContext, key: str) -> tu
         def run(case=case, tag=tag) -> dict:
             r = pgd_targeted_case(model, x, y, case=case, params=cfg.params, seed=cfg.seed,
                                   batch_size=cfg.batch_size)
-            return {f"asr_{tag}": r.asr, **{f"{k}_{tag}": v for k, v in _masks(r).items()}}
+            return {f"asr_{tag}": r.asr, f"pgd_queries_{tag}": _mean(r.queries),
+                    **{f"{k}_{tag}": v for k, v in _masks(r).items()}}
         res = _cached(ctx, key, case, run)
-        metrics[f"asr_{tag}"] = res[f"asr_{tag}"]
+        metrics.update({k: v for k, v in res.items() if not isinstance(v, torch.Tensor)})
         arrays.update({k: v for k, v in res.items() if isinstance(v, torch.Tensor)})
         ctx.progress(f"pgd {case}-likely: ASR {res[f'asr_{tag}']:.3f}")
     return metrics, arrays
@@ -166,8 +178,7 @@ def _nes(model, x, y, cfg: AttackConfig, ctx: TrialContext, key: str) -> tuple[d
     for case, tag in (("most", "m"), ("least", "l")):
         def run(case=case, tag=tag) -> dict:
             r = nes(model, x, y, case=case, params=cfg.params,
-                    queries_per_estimate=cfg.nes_queries_per_estimate,
-                    max_queries=cfg.nes_max_queries, seed=cfg.seed)
+                    queries_per_estimate=cfg.nes_queries_per_estimate, seed=cfg.seed)
             q = r.queries.float()
             return {f"nes_asr_{tag}": r.asr, f"nes_queries_{tag}": _mean(q),
                     f"nes_queries_success_{tag}": _mean(q[r.success]),
