@@ -29,7 +29,7 @@ def tiny_study(tmp_path, name):
                                                "contour_steps": 5, "contour_examples": 16})
     sm["poisoning"].update(cases=MODELS, config={"train": TRAIN, **SIZES})
     sm["attacks"].update(cases=[{"victim": m} for m in MODELS],
-                         config={"n_inputs": 8, "nes_max_queries": 210,
+                         config={"n_inputs": 8, "nes_queries_per_estimate": 20,
                                  "victim": {"train": TRAIN, **SIZES}})
     f = tmp_path / f"{name}.yaml"
     f.write_text(yaml.safe_dump(d))
