@@ -10,7 +10,17 @@ of this loop.
   checkpoint ends with exactly the weights of an uninterrupted run.
 * Checkpoints each epoch through :meth:`TrialContext.save_state` (model, optimiser, scheduler,
   history), so a killed trial continues from its last finished epoch.
-* bfloat16 autocast on CUDA when ``amp`` is set (no grad scaler needed for bf16).
+* Precision: float32 by default, as the reference codes trained (DARTS, NATS-Bench, the AutoML
+  artifact, TrojanZoo); ``amp="bf16"`` turns on bfloat16 autocast on CUDA (no grad scaler
+  needed for bf16; a no-op on CPU). ``nasrisk run --amp bf16`` sets it in every trial.
+* Auxiliary head (DARTS, Liu et al. ICLR 2019 App. A.2; PROTOCOLS 1.2 `paper`): a model that
+  contains an :class:`~nasrisk.trials.models.darts.network.AuxiliaryHead` (a DARTS-space net
+  built with ``auxiliary=True``) is trained on ``CE(logits) + aux_weight * CE(aux logits)``
+  (:func:`training_loss`, weight 0.4 as DARTS). The head's output is read with a forward hook,
+  so any wrapper around the network (normalisation) keeps working.
+
+Deviations: none in the loss; DARTS ramps drop-path over training, the network applies a
+constant probability (see :mod:`~nasrisk.trials.models.darts.network`).
 """
 
 from __future__ import annotations
@@ -21,12 +31,13 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import nn
 
 from .context import TrialContext
 from .data.augment import augment
 from .data.base import ImageData, to_float
+from .models.darts.network import AuxiliaryHead
 
 BatchHook = Callable[[torch.Tensor, torch.Tensor, torch.Generator], tuple[torch.Tensor, torch.Tensor]]
 
@@ -46,8 +57,19 @@ class TrainConfig(BaseModel):
     grad_clip: float | None = Field(5.0, gt=0)
     schedule: Literal["cosine", "constant"] = "cosine"
     augment: Literal["none", "crop_flip", "crop_flip_cutout"] = "crop_flip"
-    amp: bool = True
+    #: mixed precision: "off" (float32, the references' precision) or "bf16" (autocast on
+    #: CUDA); booleans are accepted (False = "off", True = "bf16")
+    amp: Literal["off", "bf16"] = "off"
+    #: weight of an auxiliary head's loss (DARTS: 0.4); used only by models that have one
+    aux_weight: float = Field(0.4, ge=0)
     eval_each_epoch: bool = True
+
+    @field_validator("amp", mode="before")
+    @classmethod
+    def _amp_bool(cls, v: object) -> object:
+        if isinstance(v, bool):
+            return "bf16" if v else "off"
+        return v
 
 
 # NATS-Bench's recipe (EVAS trains NATS archs with it): SGD nesterov lr 0.1 cosine wd 5e-4.
@@ -61,8 +83,33 @@ DARTS_ARTIFACT = TrainConfig(epochs=200, batch_size=96, lr=0.025, weight_decay=5
 POISON_RETRAIN = TrainConfig(epochs=50, batch_size=96, lr=0.025, weight_decay=3e-4, grad_clip=5.0)
 
 
-def _autocast(device: torch.device, amp: bool):
-    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp and device.type == "cuda")
+def _autocast(device: torch.device, amp: str):
+    return torch.autocast("cuda", dtype=torch.bfloat16,
+                          enabled=amp == "bf16" and device.type == "cuda")
+
+
+def training_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *,
+                  aux_weight: float = 0.4) -> torch.Tensor:
+    """The training loss of one batch: ``CE(model(x), y)``, plus ``aux_weight * CE(aux, y)``
+    for the logits ``aux`` of every :class:`AuxiliaryHead` inside ``model`` that ran in this
+    forward pass (DARTS's auxiliary tower runs in training mode only, so in eval mode, or
+    without a head, this is the plain cross-entropy)."""
+    def upcast(t: torch.Tensor) -> torch.Tensor:  # bf16 autocast logits -> float32; never down
+        return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+    aux: list[torch.Tensor] = []
+    # weight 0: the head's output is not in the loss at all (its weights get no gradient),
+    # exactly as a net without a head
+    handles = ([m.register_forward_hook(lambda _m, _in, out: aux.append(out))
+                for m in model.modules() if isinstance(m, AuxiliaryHead)] if aux_weight else [])
+    try:
+        loss = F.cross_entropy(upcast(model(x)), y)
+    finally:
+        for h in handles:
+            h.remove()
+    for a in aux:
+        loss = loss + aux_weight * F.cross_entropy(upcast(a), y)
+    return loss
 
 
 @torch.no_grad()
@@ -150,7 +197,7 @@ def train(
             if batch_hook is not None:
                 xb, yb = batch_hook(xb, yb, gen)
             with _autocast(device, cfg.amp):
-                loss = F.cross_entropy(model(xb).float(), yb)
+                loss = training_loss(model, xb, yb, aux_weight=cfg.aux_weight)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.grad_clip:

@@ -37,7 +37,8 @@ from .registry import MODELS, DatasetName, ModelName
 from .store import VictimStore
 from .train import DARTS_ARTIFACT, DARTS_PAPER, TrainConfig, evaluate, train
 
-KEY_VERSION = "victim/1"  # bump when training code changes what a spec's weights are
+KEY_VERSION = "victim/2"  # bump when training code changes what a spec's weights are
+# victim/2: float32 by default (was bf16 autocast on CUDA), DARTS auxiliary-head loss
 _RESERVED = ("num_classes", "input_size", "params")
 
 
@@ -50,7 +51,9 @@ class VictimSpec(BaseModel):
     """One victim (PROTOCOLS 1.3, 3, 4). ``train=None`` resolves to the parameter set's recipe
     (:data:`~nasrisk.trials.train.DARTS_PAPER` / :data:`~nasrisk.trials.train.DARTS_ARTIFACT`);
     ``poison_fraction`` flips that fraction of training labels (label-flip poisoning, seeded
-    by ``seed``); ``max_*_examples`` shrink the data at the `smoke` profile."""
+    by ``seed``); ``max_*_examples`` shrink the data at the `smoke` profile. ``amp`` is the
+    training precision ("off" = float32, the default; "bf16"; PROTOCOLS 3), applied to the
+    recipe; unset, it is ``train.amp`` when ``train`` is given, else "off"."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -63,8 +66,28 @@ class VictimSpec(BaseModel):
     seed: int = 0
     max_train_examples: int | None = Field(None, ge=1)
     max_test_examples: int | None = Field(None, ge=1)
+    amp: Literal["off", "bf16"] = "off"
 
-
+    @model_validator(mode="before")
+    @classmethod
+    def _one_amp(cls, data: Any) -> Any:
+        # one precision for the spec and its recipe: ``amp`` if given, else ``train.amp``
+        if not isinstance(data, dict):
+            return data
+        train, amp = data.get("train"), data.get("amp")
+        if amp is None:
+            amp = (train.amp if isinstance(train, TrainConfig)
+                   else train.get("amp") if isinstance(train, dict) else None)
+        if isinstance(amp, bool):
+            amp = "bf16" if amp else "off"
+        if amp is None:
+            return data
+        data = {**data, "amp": amp}
+        if isinstance(train, dict):
+            data["train"] = {**train, "amp": amp}
+        elif isinstance(train, TrainConfig) and train.amp != amp:
+            data["train"] = train.model_copy(update={"amp": amp})
+        return data
 
     @model_validator(mode="after")
     def _kwargs(self) -> VictimSpec:
@@ -82,10 +105,10 @@ class VictimSpec(BaseModel):
         return self
 
     def resolved_train(self) -> TrainConfig:
-        """The training recipe: ``train`` if set, else the parameter set's (PROTOCOLS 3)."""
-        if self.train is not None:
-            return self.train
-        return DARTS_PAPER if self.params == "paper" else DARTS_ARTIFACT
+        """The training recipe: ``train`` if set, else the parameter set's (PROTOCOLS 3), at
+        the spec's ``amp``."""
+        base = self.train or (DARTS_PAPER if self.params == "paper" else DARTS_ARTIFACT)
+        return base if base.amp == self.amp else base.model_copy(update={"amp": self.amp})
 
     def identity(self) -> dict[str, Any]:
         """Everything that determines the weights, in canonical JSON-able form (only

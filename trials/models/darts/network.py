@@ -16,7 +16,9 @@ Deviations: DARTS ramps the drop-path probability linearly from 0 to 0.2 over tr
 shared training loop has no per-epoch hook, so the network applies the constant probability in
 :attr:`NetworkCIFAR.drop_path_prob` (a trainer may set it each epoch). The auxiliary logits are
 returned by :meth:`NetworkCIFAR.forward_aux`, not by ``forward``, so every caller gets plain
-logits; the auxiliary loss (weight 0.4) is the trainer's to add. For inputs smaller than 32x32
+logits; the one training loop adds the auxiliary loss (weight ``TrainConfig.aux_weight``, 0.4
+as DARTS) for every net built with the head (:func:`~nasrisk.trials.train.training_loss`
+reads the head's output by a forward hook). For inputs smaller than 32x32
 the auxiliary head pools adaptively to 2x2 (DARTS's 5x5/stride-3 pooling assumes an 8x8 map).
 """
 
