@@ -103,6 +103,8 @@ def run(
                                                    "from its last checkpoint).")] = 2,
     seed: Annotated[int | None, typer.Option(help="Seed of every trial.")] = None,
     params: Annotated[str | None, typer.Option(help="Parameter set: paper or artifact.")] = None,
+    amp: Annotated[str | None, typer.Option(help="Mixed-precision training: off (float32, "
+                                                 "the default) or bf16 (autocast on CUDA).")] = None,
     data_root: Annotated[Path | None, typer.Option(help="Dataset folder [default: "
                                                            "<workdir>/data]")] = None,
     download: Annotated[bool, typer.Option("--download", help="Download missing datasets "
@@ -118,7 +120,7 @@ def run(
 
     spec = load_spec(study)
     opts = RunOptions(profile=profile, dataset=dataset, num_archs=num_archs, all_archs=all_archs,
-                      seed=seed, params=params, cpus_per_trial=cpus_per_trial,
+                      seed=seed, params=params, amp=amp, cpus_per_trial=cpus_per_trial,
                       gpus_per_trial=gpus_per_trial, max_failures=max_failures)
     p = build_plan(spec, opts)
     _check_data(p, data_root, workdir, download)
