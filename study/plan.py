@@ -52,8 +52,9 @@ class RunOptions:
     max_failures: int = 2
 
     #: seconds to wait for the cluster to offer a trial's resources (an autoscaling cluster
-    #: adds nodes); 0: refuse at once when no node can hold one trial
-    resource_timeout: float = 0.0
+    #: adds nodes); 0: refuse at once when no node can hold one trial; None: 0 for a local
+    #: instance, 600 for a cluster (study/probes.py check_trial_resources)
+    resource_timeout: float | None = None
 
     def __post_init__(self) -> None:
         if self.num_archs is not None and not 1 <= self.num_archs <= MAX_TRIALS:

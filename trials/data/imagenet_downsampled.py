@@ -43,12 +43,20 @@ class _ArraysOnly(pickle.Unpickler):
 
 
 def _read(path: Path, size: int, keep: int) -> tuple[torch.Tensor, torch.Tensor]:
-    with open(path, "rb") as f:
-        up = _ArraysOnly(f, encoding="latin1")
-        up.path = path
-        entry = up.load()
-    x = np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, size, size)
-    y = np.asarray(entry["labels"], dtype=np.int64) - 1
+    try:
+        with open(path, "rb") as f:
+            up = _ArraysOnly(f, encoding="latin1")
+            up.path = path
+            entry = up.load()
+        x = np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, size, size)
+        y = np.asarray(entry["labels"], dtype=np.int64) - 1
+        if len(x) != len(y):
+            raise ValueError(f"{len(x)} images but {len(y)} labels")
+    except (OSError, EOFError, ValueError, KeyError, TypeError, IndexError, AttributeError,
+            pickle.UnpicklingError) as e:
+        raise DatasetMissingError(f"{path}: corrupt or truncated down-sampled ImageNet batch "
+                                  f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+                                  ) from None
     m = y < keep
     return torch.from_numpy(x[m].copy()), torch.from_numpy(y[m].copy())
 
