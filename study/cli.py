@@ -1,5 +1,10 @@
 """The ``nasrisk`` command. Thin: parse, validate, call. A user's mistake (unknown study,
 field, dataset, profile; malformed arch string; missing data file) prints one line and exits 2.
+
+The error boundary covers more than config validation: every profile of the study file is
+planned, the workdir is created and written to, the tracking store and the Ray address are
+probed (study/probes.py) and the datasets are read, all before MLflow or Ray start; Ray's
+resources are checked against each stage right after Ray starts.
 """
 
 from __future__ import annotations
@@ -75,12 +80,14 @@ def plan(study: Study, profile: Profile = None,
     stage in the tracking store (run the smoke profile once to get one)."""
     from .estimate import describe_plan
     from .plan import RunOptions, build_plan
-    from .spec import load_spec
+    from .probes import check_tracking_uri
 
-    spec = load_spec(study)
-    p = build_plan(spec, RunOptions(profile=profile, dataset=dataset, num_archs=num_archs,
-                                    all_archs=all_archs))
-    typer.echo(describe_plan(p, workdir=workdir, tracking_uri=tracking_uri))
+    opts = RunOptions(profile=profile, dataset=dataset, num_archs=num_archs, all_archs=all_archs)
+    p = build_plan(_load(study), opts)
+    uri = _tracking_uri(tracking_uri, workdir)
+    if tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or _store_exists(uri):
+        check_tracking_uri(uri, writable=False)
+    typer.echo(describe_plan(p, workdir=workdir, tracking_uri=uri))
 
 
 @app.command()
@@ -110,21 +117,24 @@ def run(
     download: Annotated[bool, typer.Option("--download", help="Download missing datasets "
                                                              "(CIFAR) instead of failing.")] = False,
     report: Annotated[bool, typer.Option(help="Build the study's report at the end.")] = True,
+    resource_timeout: Annotated[float | None, typer.Option(
+        help="Seconds to wait for the Ray cluster to offer one trial's CPUs/GPUs (an "
+             "autoscaling cluster adds nodes) before refusing [default: 0 for a local "
+             "instance, 600 for a cluster]")] = None,
 ) -> None:
     """Run a study on Ray Tune (local or cluster), tracked in MLflow, then report on it.
 
     Finished trials (in MLflow) are never rerun; an interrupted run continues with
     `nasrisk resume STUDY`."""
     from .plan import RunOptions, build_plan
-    from .spec import load_spec
 
-    spec = load_spec(study)
     opts = RunOptions(profile=profile, dataset=dataset, num_archs=num_archs, all_archs=all_archs,
                       seed=seed, params=params, amp=amp, cpus_per_trial=cpus_per_trial,
-                      gpus_per_trial=gpus_per_trial, max_failures=max_failures)
-    p = build_plan(spec, opts)
-    _check_data(p, data_root, workdir, download)
-    _execute(p, workdir=workdir, tracking_uri=tracking_uri, address=address,
+                      gpus_per_trial=gpus_per_trial, max_failures=max_failures,
+                      resource_timeout=resource_timeout)
+    p = build_plan(_load(study), opts)
+    uri = _preflight(p, workdir, tracking_uri, address, data_root, download)
+    _execute(p, workdir=workdir, tracking_uri=uri, address=address,
              data_root=data_root, download=download, restore=False, report=report)
 
 
@@ -135,26 +145,34 @@ def resume(study: Annotated[str, typer.Argument(help="The study name that was ru
            report: Annotated[bool, typer.Option(help="Build the report at the end.")] = True) -> None:
     """Continue an interrupted or partly failed study: restores the Tune experiment and runs
     only what did not finish (errored trials included, from their last checkpoint)."""
-    from .plan import build_plan
-    from .runner import options_from_record
+    from .plan import RunOptions, build_plan
     from .spec import spec_from_yaml
     from .workdir import Workdir as WD
 
     name = Path(study).stem if study.endswith((".yaml", ".yml")) else study
-    rec = WD.at(workdir).run_record(name)
-    p = build_plan(spec_from_yaml(rec["spec_yaml"]), options_from_record(rec))
-    _execute(p, workdir=workdir, tracking_uri=rec["tracking_uri"],
-             address=address or rec.get("address"), data_root=rec["data_root"],
-             download=rec["download"], restore=True, report=report)
+    wd = WD.at(workdir)
+    rec = wd.run_record(name)
+    where = str(wd.study_dir(name) / "run.json")
+    try:
+        opts = RunOptions(**rec["options"])
+    except TypeError as e:
+        raise UserError(f"{where}: options: {e}; move it away and start again with "
+                        f"`nasrisk run {name}`") from None
+    except UserError as e:
+        raise UserError(f"{where}: options: {e}") from None
+    p = build_plan(spec_from_yaml(rec["spec_yaml"], f"{where}: spec_yaml"), opts)
+    address = address or rec.get("address")
+    uri = _preflight(p, workdir, rec["tracking_uri"], address, rec["data_root"],
+                     rec["download"])
+    _execute(p, workdir=workdir, tracking_uri=uri, address=address,
+             data_root=rec["data_root"], download=rec["download"], restore=True, report=report)
 
 
 @app.command("report")
 def report_cmd(study: Study, workdir: Workdir = None, tracking_uri: Tracking = None) -> None:
     """Build the study's analysis from MLflow alone: tables, CSV, figures (also logged to the
     study's summary run)."""
-    from .spec import load_spec
-
-    _report(load_spec(study), workdir, tracking_uri)
+    _report(_load(study), workdir, tracking_uri)
 
 
 @app.command()
@@ -165,6 +183,46 @@ def models(dataset: Annotated[str, typer.Option(help="Dataset that sets classes/
     from .models_cmd import print_models
 
     print_models(dataset, stats)
+
+
+def _load(study: str):
+    """The study's spec, with every one of its profiles planned (a broken field in a profile
+    not being run fails now, not the day someone runs it)."""
+    from .plan import check_profiles
+    from .spec import load_spec
+
+    spec = load_spec(study)
+    check_profiles(spec)
+    return spec
+
+
+def _tracking_uri(tracking_uri: str | None, workdir) -> str:
+    from .probes import sqlite_uri
+    from .workdir import Workdir as WD
+
+    return (tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+            or sqlite_uri(WD.at(workdir).root / "mlflow.db"))
+
+
+def _store_exists(uri: str) -> bool:
+    from .probes import sqlite_path
+
+    path = sqlite_path(uri)
+    return path is None or path.exists()
+
+
+def _preflight(p, workdir, tracking_uri, address, data_root, download) -> str:
+    """Everything `run` and `resume` need from outside, checked before MLflow or Ray start;
+    returns the tracking URI."""
+    from .probes import check_ray_address, check_tracking_uri
+    from .workdir import Workdir as WD
+
+    WD.at(workdir).prepare()
+    uri = _tracking_uri(tracking_uri, workdir)
+    check_tracking_uri(uri)
+    check_ray_address(address)
+    _check_data(p, data_root, workdir, download)
+    return uri
 
 
 def _check_data(p, data_root, workdir, download) -> None:
@@ -202,17 +260,18 @@ def _execute(p, *, workdir, tracking_uri, address, data_root, download, restore,
 
 
 def _report(spec, workdir, tracking_uri) -> None:
-    from nasrisk.analysis.reports import REPORTS
-
-    from .tracking import default_tracking_uri
+    from .probes import check_tracking_uri
     from .workdir import Workdir as WD
 
     if not spec.report:
         raise UserError(f"study {spec.name} has no report")
     wd = WD.at(workdir)
-    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(wd.root)
-    if uri.startswith("sqlite:") and not Path(uri.split("sqlite:///", 1)[-1]).exists():
-        raise UserError(f"no MLflow store at {uri}; run the study first or pass --tracking-uri")
+    uri = _tracking_uri(tracking_uri, workdir)
+    check_tracking_uri(uri, must_exist=True)
+    wd.prepare()
+
+    from nasrisk.analysis.reports import REPORTS
+
     rep = REPORTS[spec.report](uri, spec.name, wd.report_dir(spec.name))
     typer.echo(rep.summary())
 
@@ -221,7 +280,8 @@ def main() -> None:
     try:
         app()
     except UserError as e:
-        typer.echo(f"nasrisk: error: {e}", err=True)
+        # one line, whatever the message quotes (a key with a newline, a multi-line reason)
+        typer.echo(f"nasrisk: error: {' '.join(str(e).split())}", err=True)
         sys.exit(2)
     except KeyboardInterrupt:
         typer.echo("nasrisk: interrupted; `nasrisk resume STUDY` continues where it stopped",
