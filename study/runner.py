@@ -24,6 +24,7 @@ from typing import Any
 from nasrisk.trials.errors import UserError
 
 from .plan import RunOptions, StagePlan, StudyPlan
+from .probes import check_trial_resources
 from .spec import spec_to_yaml
 from .tracking import default_tracking_uri, done_runs, ensure_experiment, git_commit
 from .workdir import Workdir
@@ -165,6 +166,7 @@ def _run_stage(plan: StudyPlan, stage: StagePlan, *, uri: str, exp_id: str, wd: 
                   flush=True)
             if todo:
                 init_ray(address)
+                check_trial_resources(stage, plan.options, address)
                 _restore_stage(path, runtime, _payload(stage, record.get("tune_trials", {})
                                                        .get(exps[-1])), label)
             done = set(done_runs(uri, exp_id, name)) & keys
@@ -176,6 +178,7 @@ def _run_stage(plan: StudyPlan, stage: StagePlan, *, uri: str, exp_id: str, wd: 
               "not rerunning them", flush=True)
     if todo:
         init_ray(address)
+        check_trial_resources(stage, plan.options, address)
         exp_name = f"{plan.spec.name}.{name}.{len(exps) + 1}"
         exps.append(exp_name)
         record.setdefault("tune_trials", {})[exp_name] = [t.key for t in todo]

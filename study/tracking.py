@@ -36,7 +36,9 @@ TAG_KIND = "nasrisk.kind"
 
 
 def default_tracking_uri(workdir: Path) -> str:
-    return f"sqlite:///{Path(workdir).resolve() / 'mlflow.db'}"
+    from .probes import sqlite_uri  # quotes `?` and `%`, which SQLAlchemy would misread
+
+    return sqlite_uri(Path(workdir) / "mlflow.db")
 
 
 def client(uri: str) -> mlflow.MlflowClient:
