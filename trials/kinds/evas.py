@@ -31,13 +31,15 @@ STRICT = ConfigDict(extra="forbid", frozen=True)
 
 
 class KappaConfig(BaseModel):
-    """How kappa is scored (PROTOCOLS 5 "Score kappa")."""
+    """How kappa is scored (PROTOCOLS 5 "Score kappa", "BatchNorm while scoring"). ``bn_mode``
+    defaults to ``eval`` (BatchNorm on the fresh running statistics, the reference's scoring of
+    EVAS's figure); ``coupled`` is the reference's search script, ``fixed-stats`` ours."""
 
     model_config = STRICT
     batch_size: int = Field(96, ge=2)
     n_init: int = Field(3, ge=1)
     variants: tuple[Literal["generator", "arch", "bare"], ...] = ("generator", "arch", "bare")
-    bn_mode: Literal["fixed-stats", "coupled"] = "fixed-stats"
+    bn_mode: Literal["eval", "fixed-stats", "coupled"] = "eval"
     te_nas: bool = True
 
 

@@ -69,7 +69,7 @@ def kappa(
     *,
     generator: nn.Module | None = None,
     params: ParamSet = "generator",
-    bn_mode: BNMode = "fixed-stats",
+    bn_mode: BNMode = "eval",
     param_filter: ParamFilter | None = None,
     kernel_dtype: torch.dtype = torch.float64,
     chunk_size: int | None = None,
@@ -78,16 +78,28 @@ def kappa(
     (PROTOCOLS 5; EVAS Eq. 6): ``K = mean_n J_n J_n^T`` (C x C), ``J_n`` the Jacobian of the C
     logits of sample n w.r.t. a parameter set; ``kappa = lambda_max(K) / lambda_min(K)``.
 
-    ``params``: ``"generator"`` (the generator's parameters, Eq. 6), ``"arch"`` (the classifier's
-    weight tensors: ``arch_weight_parameters()`` if it has one, else conv/linear weight+bias and
-    BN gamma), ``"all"``. ``param_filter(name, tensor) -> bool`` narrows the set further (names
-    prefixed ``generator.`` / ``classifier.``). ``bn_mode``: ``"fixed-stats"`` (BN statistics of
-    the batch, held fixed; vectorised over samples) or ``"coupled"`` (the reference's semantics:
-    Jacobians of the whole train-mode batch output). The kernel is accumulated and decomposed in
-    ``kernel_dtype`` (float64); the modules and their BN running statistics are not modified.
+    ``params``: ``"generator"`` (the generator's parameters, Eq. 6), ``"arch"`` (the
+    classifier's parameters whose name contains ``weight``: conv weights, BN gammas, linear
+    weights, no biases, as the reference scored), ``"all"``. ``param_filter(name, tensor) ->
+    bool`` narrows the set further (names prefixed ``generator.`` / ``classifier.``).
+    ``bn_mode`` (PROTOCOLS 5 "BatchNorm while scoring"): ``"eval"`` (default; every BatchNorm on
+    its running statistics, which at a fresh init are mean 0 / variance 1: the reference's scoring
+    behind EVAS's kappa-vs-ASR figure), ``"coupled"`` (the reference's search script: the
+    classifier's BatchNorm in train mode, Jacobians through the batch statistics; the generator in
+    eval mode), ``"fixed-stats"`` (every BatchNorm on the batch's statistics, held fixed). The
+    kernel is accumulated and decomposed (``eigvalsh``) in ``kernel_dtype`` (float64); the
+    modules and their BN running statistics are not modified.
 
-    Deviations: only BatchNorm layers are in train mode while scoring (dropout is off), so the
-    score is deterministic; the reference put the whole net in train mode.
+    Why logits: Eq. 5 writes the NTK of the network's probability output. Softmax
+    probabilities sum to 1 for every input and every parameter value, so ``1^T p = 1`` and
+    ``1^T J_n = 0`` for every sample: ``K 1 = 0``, the C x C kernel of probabilities is always
+    singular (lambda_min = 0, kappa infinite for every arch), and it cannot rank archs. The
+    reference, too, differentiated the logits.
+
+    Deviations: the logits are differentiated, not the probability vector of Eq. 5 (above);
+    only BatchNorm layers change mode while scoring (dropout stays off, so the score is
+    deterministic; the NATS nets and the generator have no dropout); a non-positive lambda_min
+    is flagged as +inf (:func:`condition_number`).
     """
     composed = Composed(classifier, generator)
     names = select_params(composed, params, param_filter)
@@ -111,14 +123,15 @@ def kappa_scores(
     variants: Sequence[str] = VARIANTS,
     n_init: int = 3,
     seed: int = 0,
-    bn_mode: BNMode = "fixed-stats",
+    bn_mode: BNMode = "eval",
 ) -> dict[str, float]:
     """Median kappa over ``n_init`` re-initialisations (PROTOCOLS 5, "Score kappa").
 
     Initialisation i builds the classifier and then the generator with PyTorch's default init
     under seed ``seed + i`` (the caller's RNG state is left untouched). Variants: ``generator``
     (Eq. 6), ``arch`` (the classifier's weights, with the generator), ``bare`` (the classifier's
-    weights, no generator). Returns ``kappa_<variant>`` (median; +inf counts as largest) and
+    weights, no generator). ``bn_mode`` as :func:`kappa` (default ``eval``: on fresh modules,
+    running statistics mean 0 / variance 1, the reference's scoring). Returns ``kappa_<variant>`` (median; +inf counts as largest) and
     ``kappa_<variant>_flagged`` (fraction of initialisations flagged).
     """
     unknown = [v for v in variants if v not in VARIANTS]

@@ -1,15 +1,22 @@
 """The NTK kernels behind kappa (PROTOCOLS 5, "Score kappa", "BatchNorm while scoring",
-"Precision"): BatchNorm handling, parameter-set selection, and the C x C (per-logit) and
-N x N (TE-NAS) kernels, vectorised with :mod:`torch.func`.
+"The arch parameter set", "Precision"): BatchNorm handling, parameter-set selection, and the
+C x C (per-logit) and N x N (TE-NAS) kernels, vectorised with :mod:`torch.func`.
 
-Two BatchNorm semantics (PROTOCOLS 5, "BatchNorm while scoring"):
+Three BatchNorm semantics (PROTOCOLS 5, "BatchNorm while scoring"):
 
-* ``fixed-stats``: the statistics of every BatchNorm layer are computed on the scoring batch
-  (one train-mode forward) and then held fixed, so each sample's Jacobian is its own and the
-  samples are vectorised with ``vmap(jacrev(...))``.
-* ``coupled``: the whole batch's output in train mode, so each Jacobian also flows through the
-  batch statistics (the EVAS reference's semantics); one forward, then N x C vector-Jacobian
-  products of the batch output, vectorised over cotangents.
+* ``eval`` (the default): every BatchNorm layer in eval mode on its current running
+  statistics. At a fresh initialisation these are mean 0, variance 1, so each BN is
+  ``gamma x / sqrt(1 + eps) + beta``: the reference's scoring of every NATS arch (the data of
+  EVAS's kappa-vs-ASR figure: ``model.eval()`` after re-initialising, generators built in eval
+  mode). Samples are independent: ``vmap(jacrev(...))`` over samples.
+* ``coupled``: the reference's *search* script. The arch (the ``classifier`` of a
+  :class:`Composed`; the whole module otherwise) has its BatchNorm layers in train mode, so each
+  Jacobian also flows through the batch statistics; the generator stays in eval mode on its
+  running statistics. One forward of the batch, then N x C vector-Jacobian products of the batch
+  output, vectorised over cotangents.
+* ``fixed-stats`` (nasrisk's own): the statistics of every BatchNorm layer, generator and arch,
+  are computed on the scoring batch (one train-mode forward) and then held fixed, so each
+  sample's Jacobian is its own (``vmap(jacrev(...))``).
 """
 
 from __future__ import annotations
@@ -22,15 +29,14 @@ import torch
 from torch import nn
 from torch.func import functional_call, jacrev, vjp, vmap
 from torch.nn.modules.batchnorm import _BatchNorm
-from torch.nn.modules.conv import _ConvNd
 
 from ..errors import UserError
 
-BNMode = Literal["fixed-stats", "coupled"]
+BNMode = Literal["eval", "fixed-stats", "coupled"]
 ParamSet = Literal["generator", "arch", "all"]
 ParamFilter = Callable[[str, torch.Tensor], bool]
 
-BN_MODES: tuple[str, ...] = ("fixed-stats", "coupled")
+BN_MODES: tuple[str, ...] = ("eval", "fixed-stats", "coupled")
 PARAM_SETS: tuple[str, ...] = ("generator", "arch", "all")
 
 # Working memory (Jacobian rows + the activation gradients of the vectorised backward passes)
@@ -118,37 +124,63 @@ def freeze_batch_stats(module: nn.Module, x: torch.Tensor) -> nn.Module:
     return frozen
 
 
+def eval_copy(module: nn.Module) -> nn.Module:
+    """A copy of ``module`` in eval mode (``eval``): every BatchNorm layer normalises with its
+    running statistics, so the output of a sample does not depend on the rest of the batch.
+
+    Raises ``UserError`` if a BatchNorm layer has no running statistics (built with
+    ``track_running_stats=False``): in eval mode PyTorch would normalise it with the batch's
+    statistics, which is neither this mode nor per-sample.
+    """
+    _require_running_stats(module, "bn_mode='eval'")
+    return copy.deepcopy(module).eval()
+
+
+def _require_running_stats(module: nn.Module, what: str) -> None:
+    for bn in _batchnorms(module):
+        if bn.running_mean is None or bn.running_var is None:
+            raise UserError(
+                f"a BatchNorm layer ({bn}) has no running statistics; {what} scores it in "
+                "eval mode and needs them (use bn_mode='fixed-stats')"
+            )
+
+
 def coupled_copy(module: nn.Module) -> nn.Module:
-    """A copy of ``module`` whose BatchNorm layers use the batch statistics of whatever batch
-    they see (train mode) without touching running statistics (``coupled``)."""
+    """A copy of ``module`` for ``coupled`` scoring, the reference's search script: the arch's
+    BatchNorm layers use the batch statistics of whatever batch they see (train mode, running
+    statistics untouched); a :class:`Composed`'s generator stays in eval mode on its running
+    statistics, as the reference's generators were built. Without a generator (or for a module
+    that is not a :class:`Composed`) every BatchNorm layer is in train mode."""
     coupled = copy.deepcopy(module)
-    _bn_train_only(coupled)
-    for bn in _batchnorms(coupled):
+    coupled.eval()
+    arch = coupled.classifier if isinstance(coupled, Composed) else coupled
+    for bn in _batchnorms(arch):
+        bn.train()
         bn.track_running_stats = False
+    if isinstance(coupled, Composed) and coupled.generator is not None:
+        _require_running_stats(coupled.generator, "bn_mode='coupled' (generator)")
     return coupled
 
 
+def scoring_copy(module: nn.Module, x: torch.Tensor, bn_mode: str) -> nn.Module:
+    """The copy of ``module`` that ``bn_mode`` scores (PROTOCOLS 5 "BatchNorm while scoring");
+    ``module`` is not modified."""
+    if bn_mode not in BN_MODES:
+        raise UserError(f"unknown bn_mode {bn_mode!r}; valid: {', '.join(BN_MODES)}")
+    if bn_mode == "eval":
+        return eval_copy(module)
+    if bn_mode == "fixed-stats":
+        return freeze_batch_stats(module, x)
+    return coupled_copy(module)
+
+
 def arch_weight_names(classifier: nn.Module, *, prefix: str = "") -> list[str]:
-    """Names of the classifier's weight tensors (PROTOCOLS 5, ``arch``): those returned by
-    ``classifier.arch_weight_parameters()`` when it exists, else conv and linear weights and
-    biases and BatchNorm gammas."""
-    names = {id(p): n for n, p in classifier.named_parameters()}
-    getter = getattr(classifier, "arch_weight_parameters", None)
-    if callable(getter):
-        chosen = [names[id(p)] for p in getter() if id(p) in names]
-    else:
-        chosen = []
-        for m in classifier.modules():
-            if isinstance(m, _ConvNd | nn.Linear):
-                keys: tuple[str, ...] = ("weight", "bias")
-            else:
-                keys = ("weight",) if isinstance(m, _BatchNorm) else ()
-            for k in keys:
-                p = m._parameters.get(k)
-                if p is not None and id(p) in names:
-                    chosen.append(names[id(p)])
-        chosen = list(dict.fromkeys(chosen))  # shared modules appear once
-    return [prefix + n for n in chosen]
+    """Names of the classifier's parameters whose name contains ``weight`` (PROTOCOLS 5, "The
+    arch parameter set"): conv weights, BN gammas and linear weights, no biases or BN betas,
+    exactly the reference's ``{n: p for n, p in model.named_parameters() if 'weight' in n}``.
+    The rule is by name, so a model's own ``arch_weight_parameters()`` (TinyNetwork's includes
+    the final linear bias) is not consulted."""
+    return [prefix + n for n, _ in classifier.named_parameters() if "weight" in n]
 
 
 def select_params(
@@ -225,24 +257,25 @@ def logit_kernel(
     x: torch.Tensor,
     names: list[str],
     *,
-    bn_mode: BNMode = "fixed-stats",
+    bn_mode: BNMode = "eval",
     kernel_dtype: torch.dtype = torch.float64,
     chunk_size: int | None = None,
 ) -> torch.Tensor:
     """``K = mean_n J_n J_n^T`` (C x C), ``J_n`` the Jacobian of the C logits of
     ``module(x)[n]`` w.r.t. the parameters ``names`` (PROTOCOLS 5, Eq. 6 of the EVAS paper).
 
-    ``J`` is computed in the module's dtype; ``K`` is accumulated in ``kernel_dtype`` (float64 by
-    default, PROTOCOLS 5 "Precision"). ``chunk_size`` samples are processed at once (default:
+    ``bn_mode`` as in the module docstring: ``eval`` and ``fixed-stats`` take per-sample
+    Jacobians (``vmap(jacrev)``), ``coupled`` the rows of the batch output's Jacobian. ``J`` is
+    computed in the module's dtype; ``K`` is accumulated, in float64 by default
+    (``kernel_dtype``, PROTOCOLS 5 "Precision"). ``chunk_size`` samples are processed at once (default:
     as many as fit ~512 MiB of Jacobian rows and activation gradients). ``module`` is not
     modified.
     """
-    if bn_mode not in BN_MODES:
-        raise UserError(f"unknown bn_mode {bn_mode!r}; valid: {', '.join(BN_MODES)}")
-    scored = freeze_batch_stats(module, x) if bn_mode == "fixed-stats" else coupled_copy(module)
+    scored = scoring_copy(module, x, bn_mode)
     primal, rest = _split(scored, names)
     n = x.shape[0]
-    if bn_mode == "fixed-stats":
+    per_sample_mode = bn_mode != "coupled"
+    if per_sample_mode:
         with torch.no_grad():
             c = scored(x[:1]).shape[-1]
         if chunk_size is None:
@@ -256,7 +289,7 @@ def logit_kernel(
         chunk_size = _auto_chunk(c, _n_params(primal), x.element_size(), act)
     kernel = torch.zeros(c, c, dtype=kernel_dtype, device=x.device)
 
-    if bn_mode == "fixed-stats":
+    if per_sample_mode:
 
         def one(p: dict[str, torch.Tensor], xi: torch.Tensor) -> torch.Tensor:
             return functional_call(scored, {**rest, **p}, (xi.unsqueeze(0),)).squeeze(0)
@@ -287,12 +320,11 @@ def sample_kernel(
 ) -> torch.Tensor:
     """TE-NAS's NTK (Chen et al., ICLR 2021, Eq. 3 with summed logits as their code does):
     ``K[i, j] = <g_i, g_j>``, ``g_i`` the gradient of ``sum_c module(x)[i, c]`` w.r.t. the
-    parameters ``names`` (N x N). Holds all N gradients at once (N x P floats)."""
-    if bn_mode not in BN_MODES:
-        raise UserError(f"unknown bn_mode {bn_mode!r}; valid: {', '.join(BN_MODES)}")
-    scored = freeze_batch_stats(module, x) if bn_mode == "fixed-stats" else coupled_copy(module)
+    parameters ``names`` (N x N), under ``bn_mode`` as :func:`logit_kernel`. Holds all N
+    gradients at once (N x P floats)."""
+    scored = scoring_copy(module, x, bn_mode)
     primal, rest = _split(scored, names)
-    if bn_mode == "fixed-stats":
+    if bn_mode != "coupled":
 
         def one(p: dict[str, torch.Tensor], xi: torch.Tensor) -> torch.Tensor:
             return functional_call(scored, {**rest, **p}, (xi.unsqueeze(0),)).sum()
