@@ -30,11 +30,12 @@ def measured_seconds(uri: str, study: str, stage: str, profile: str) -> list[flo
 
 def describe_plan(plan: StudyPlan, *, workdir: str | Path | None = None,
                   tracking_uri: str | None = None, cpus: int | None = None) -> str:
-    from .tracking import default_tracking_uri
+    from .probes import sqlite_path, sqlite_uri
 
     wd = Workdir.at(workdir)
-    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(wd.root)
-    have_store = not uri.startswith("sqlite:") or Path(uri.split("sqlite:///", 1)[-1]).exists()
+    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or sqlite_uri(wd.root / "mlflow.db")
+    db = sqlite_path(uri)
+    have_store = db.exists() if db is not None else not uri.startswith("sqlite:")
     cpus = cpus or os.cpu_count() or 1
     lines = [f"study {plan.spec.name}, profile {plan.profile}, parameter set {plan.params}: "
              f"{plan.n_trials} trials"]

@@ -41,7 +41,7 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
 from torch import nn
 
 from ..context import TrialContext
@@ -86,7 +86,7 @@ class GeneratorConfig(BaseModel):
     target: int = Field(0, ge=0)
     augment: Literal["none", "crop_flip", "crop_flip_cutout"] = "crop_flip"
     #: encoder widths of both generator nets (PROTOCOLS 5: 32, 64, 128); smaller at `smoke`
-    channels: tuple[int, int, int] = (32, 64, 128)
+    channels: tuple[PositiveInt, PositiveInt, PositiveInt] = (32, 64, 128)
 
     @model_validator(mode="before")
     @classmethod
