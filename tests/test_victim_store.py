@@ -65,6 +65,7 @@ def test_key_is_stable_and_changes_with_every_weight_determining_field():
         "poison_fraction": dict(poison_fraction=0.1),
         "seed": dict(seed=1),
         "max_train_examples": dict(max_train_examples=256),
+        "amp": dict(amp="bf16"),
     }
     keys = {name: tiny_spec(**kw).key() for name, kw in changed.items()}
     assert key not in keys.values()
