@@ -214,13 +214,14 @@ def _store_exists(uri: str) -> bool:
 def _preflight(p, workdir, tracking_uri, address, data_root, download) -> str:
     """Everything `run` and `resume` need from outside, checked before MLflow or Ray start;
     returns the tracking URI."""
-    from .probes import check_ray_address, check_tracking_uri
+    from .probes import check_local_resources, check_ray_address, check_tracking_uri
     from .workdir import Workdir as WD
 
+    check_ray_address(address)
+    check_local_resources(p.stages, address)
     WD.at(workdir).prepare()
     uri = _tracking_uri(tracking_uri, workdir)
     check_tracking_uri(uri)
-    check_ray_address(address)
     _check_data(p, data_root, workdir, download)
     return uri
 
@@ -277,6 +278,9 @@ def _report(spec, workdir, tracking_uri) -> None:
 
 
 def main() -> None:
+    # MLflow's INFO lines ("Creating initial MLflow database tables...") are noise on a
+    # console, and would come before a one-line error; MLFLOW_LOGGING_LEVEL=INFO shows them
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     try:
         app()
     except UserError as e:

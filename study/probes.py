@@ -355,5 +355,36 @@ def check_trial_resources(stage: Any, options: Any, address: str | None) -> floa
         f"--gpus-per-trial or the stage's resources{how}")
 
 
+def local_resources() -> dict[str, float]:
+    """What a local Ray instance started by nasrisk gets: every CPU Ray counts here (cgroup
+    limits included) and every visible CUDA device."""
+    try:
+        from ray._private.utils import get_num_cpus
+
+        cpus = float(get_num_cpus())
+    except Exception:  # noqa: BLE001 - Ray's private helper moved: count the CPUs ourselves
+        cpus = float(os.cpu_count() or 1)
+    import torch
+
+    return {"CPU": cpus, "GPU": float(torch.cuda.device_count())}
+
+
+def check_local_resources(stages: list[Any], address: str | None) -> None:
+    """Before Ray starts: when nasrisk will start a local instance, refuse a stage whose one
+    trial needs more CPUs or GPUs than this machine has (Tune would wait forever)."""
+    if effective_ray_address(address) not in (None, "local"):
+        return
+    if "ray" in sys.modules and sys.modules["ray"].is_initialized():
+        return  # an instance already runs in this process: checked after connecting
+    have = local_resources()
+    for st in stages:
+        need = {"CPU": st.resources.cpu, "GPU": st.resources.gpu}
+        if st.trials and any(v > have[k] + 1e-9 for k, v in need.items()):
+            raise UserError(f"stage {st.spec.name}: one trial needs {_fmt(need)}, but this "
+                            f"machine has {_fmt(have)} (the local Ray instance gets all of "
+                            "it); lower --cpus-per-trial / --gpus-per-trial or the stage's "
+                            "resources, or pass --address of a cluster")
+
+
 def _fmt(res: dict[str, float]) -> str:
     return " + ".join(f"{res.get(k, 0.0):g} {k}" for k in ("CPU", "GPU"))
