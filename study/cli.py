@@ -18,6 +18,8 @@ import typer
 
 from nasrisk.trials.errors import UserError
 
+from .guard import StudyInterrupted
+
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
     help="Run security studies of neural architecture search on Ray Tune, tracked in MLflow.\n\n"
@@ -283,6 +285,9 @@ def main() -> None:
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     try:
         app()
+    except StudyInterrupted as e:  # SIGINT / SIGTERM: the trials were stopped cleanly
+        typer.echo(f"nasrisk: {e}", err=True)
+        sys.exit(e.exit_code)
     except UserError as e:
         # one line, whatever the message quotes (a key with a newline, a multi-line reason)
         typer.echo(f"nasrisk: error: {' '.join(str(e).split())}", err=True)
