@@ -144,6 +144,17 @@ def probe_http(uri: str, what: str, timeout: float = PROBE_TIMEOUT_S) -> float:
                 path = uri if proxy else "/health"
                 s.sendall(f"GET {path} HTTP/1.0\r\nHost: {u.hostname}:{port}\r\n\r\n".encode())
                 head = s.recv(16)
+                # read the (small) reply to its end, so the server does not log a reset
+                got, end = len(head), time.perf_counter() + 0.5
+                while got < 65536 and time.perf_counter() < end:
+                    s.settimeout(max(0.05, end - time.perf_counter()))
+                    try:
+                        chunk = s.recv(4096)
+                    except TimeoutError:
+                        break
+                    if not chunk:
+                        break
+                    got += len(chunk)
                 if not head.startswith(b"HTTP/"):
                     raise UserError(f"{what} {uri} answered{via}, but not over HTTP "
                                     f"(first bytes {head[:8]!r}); is that the right port?")
