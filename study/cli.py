@@ -42,7 +42,9 @@ Profile = Annotated[str | None, typer.Option(
 
 def _mlflow_ui_hint(uri: str) -> str:
     if uri.startswith("sqlite:"):
-        return f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000"
+        import shlex  # a workdir may hold spaces, `?`, `#` ...
+
+        return f"mlflow ui --backend-store-uri {shlex.quote(uri)} --host 127.0.0.1 --port 5000"
     return f"open {uri} in a browser"
 
 
