@@ -48,7 +48,7 @@ class TrainConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    epochs: int = Field(ge=0)
+    epochs: int = Field(ge=0, le=100_000)
     batch_size: int = Field(96, ge=1)
     lr: float = Field(0.025, gt=0)
     momentum: float = Field(0.9, ge=0)

@@ -72,8 +72,8 @@ class GeneratorConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     params: Literal["paper", "artifact"] = "paper"
-    mask_epochs: int = Field(ge=0)
-    pattern_epochs: int = Field(ge=0)
+    mask_epochs: int = Field(ge=0, le=100_000)
+    pattern_epochs: int = Field(ge=0, le=100_000)
     batch_size: int = Field(96, ge=2)
     lr: float = Field(0.01, gt=0)
     betas: tuple[float, float] = (0.5, 0.9)

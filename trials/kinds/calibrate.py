@@ -18,9 +18,9 @@ from ..registry import TRIAL_KINDS
 class CalibrateConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     index: int = Field(0, ge=0)
-    epochs: int = Field(1, ge=0)
-    size: int = Field(32, ge=1)
-    seconds_per_epoch: float = Field(0.0, ge=0)
+    epochs: int = Field(1, ge=0, le=100_000)
+    size: int = Field(32, ge=1, le=4096)
+    seconds_per_epoch: float = Field(0.0, ge=0, le=86_400)
     seed: int = 0
 
 

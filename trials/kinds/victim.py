@@ -39,7 +39,7 @@ class VictimConfig(VictimSpec):
     measure_grad_var: bool = True
     contours: bool = True
     grad_var_samples: int | None = Field(None, ge=2)
-    contour_steps: int = Field(21, ge=1)
+    contour_steps: int = Field(21, ge=1, le=401)
     contour_examples: int = Field(256, ge=1)
 
 
