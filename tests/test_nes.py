@@ -32,7 +32,11 @@ def trained():
     return model.eval(), x, y
 
 
+@pytest.mark.outcome
 def test_estimate_aligns_with_true_gradient(trained):
+    # measured over training/estimate seeds 0-4, native AVX2 and ATEN_CPU_CAPABILITY=default:
+    # min cos at 400 queries 0.227-0.249; mean cos 0.085-0.092 (50) < 0.238-0.255 (400) <
+    # 0.486-0.504 (2000)
     model, x, y = trained
     x = x[:6]
     t = select_targets(model(x).detach(), "most")
@@ -47,7 +51,7 @@ def test_estimate_aligns_with_true_gradient(trained):
     assert (cos[400] > 0).all(), cos[400]
     # the estimate sharpens with the number of queries (variance ~ d / n)
     assert cos[2000].mean() > cos[400].mean() > cos[50].mean()
-    assert cos[2000].mean() > 0.35  # measured 0.49 (sqrt(n / (n + d)) = 0.63 if f were linear)
+    assert cos[2000].mean() > 0.35  # sqrt(n / (n + d)) = 0.63 if f were linear
 
 
 class MeanPixel(nn.Module):
@@ -122,8 +126,9 @@ def test_nes_succeeds_with_enough_queries_and_counts_them(trained):
     eps, n, iters = 0.3, 100, 30
     r = nes(model, x, y, case="most", eps=eps, step=0.02, queries_per_estimate=n, iters=iters,
             seed=0)
-    # measured ASR 1.0 (12/12) at seeds 0-4 under native AVX2 and ATEN_CPU_CAPABILITY=default
-    assert r.asr >= 0.75, r.success
+    # measured ASR 0.83-0.92 (10-11 of 12) over training/attack seeds 0-4, native AVX2 and
+    # ATEN_CPU_CAPABILITY=default alike
+    assert r.asr >= 0.5, r.success
     assert (r.x_adv - x).abs().max() <= eps + 1e-6
     assert r.x_adv.min() >= 0 and r.x_adv.max() <= 1
     with torch.no_grad():

@@ -79,7 +79,10 @@ def test_one_step_without_random_start_is_fgsm(trained, targeted):
     assert torch.allclose(r.x_adv, fgsm, atol=1e-6)
 
 
+@pytest.mark.outcome
 def test_untargeted_asr_grows_with_eps(trained):
+    # measured over training/attack seeds 0-4, native AVX2 and ATEN_CPU_CAPABILITY=default:
+    # monotone in all 10 runs; ASR at 2/255 0.0-0.062, at 64/255 1.0 (fixture acc 0.85-0.895)
     model, x, y = trained
     sweep = pgd_eps_sweep(model, x, y, eps_list=[e / 255 for e in (0, 2, 8, 16, 32, 64)])
     asr = sweep.asr

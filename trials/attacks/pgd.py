@@ -51,7 +51,8 @@ class PGDParams(BaseModel):
 def pgd_params(case: Case, params: ParamSet = "paper") -> PGDParams:
     """PROTOCOLS 4: ``paper`` = eps 8/255, step 2/255, 5 random restarts, 3 iterations
     (most-likely) / 7 (least-likely); ``artifact`` = same eps and step, 7 iterations both
-    cases, no random start, success also needs target probability > 0.99."""
+    cases, no random start, success also needs target probability > 0.99. Both: success at
+    any iteration within ``iters`` (:func:`pgd`)."""
     if case not in ("most", "least"):
         raise ValueError(f"case must be 'most' or 'least', got {case!r}")
     if params == "paper":
