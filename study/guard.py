@@ -13,8 +13,9 @@ workdir stops being writable.
   letting every trial fail and retry against a store that is gone. The driver holds the
   database file open from the start, so a store deleted mid-run still exists for it: it is
   written back (the finished trials in it are kept) and a recreated file is moved aside.
-* Tune's own log lines are muted once the guard is stopping: the one line the runner prints
-  says what happened; the trial errors the fault causes would only repeat it.
+* Ray's log lines are dropped once the guard is stopping (a log record checks the store at
+  once): the one line the runner prints says what happened; the trial errors the fault
+  causes would only repeat it.
 
 The guard is process-wide (signal handlers are): the Tune stopper finds it through
 :func:`active_guard`, so a stopper pickled with an experiment works in the next driver.
@@ -91,7 +92,7 @@ class StudyGuard:
             for s, h in self._old_handlers.items():
                 signal.signal(s, h)
         self._old_handlers.clear()
-        unmute_tune_logs()
+        unmute_ray_logs()
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
@@ -100,6 +101,7 @@ class StudyGuard:
     def install(self) -> None:
         """(Re)install the signal handlers: call again after ``ray.init``, which sets its own
         SIGTERM handler."""
+        mute_ray_logs_when_stopping()
         if threading.current_thread() is not threading.main_thread():
             return
         for s in _SIGNALS:
@@ -123,7 +125,6 @@ class StudyGuard:
         if self.signum is not None:
             raise KeyboardInterrupt  # a second signal: do not wait for the trials
         self.signum = signum
-        mute_tune_logs()
         print(f"nasrisk: {signal.Signals(signum).name} received: stopping the trials "
               "(again to stop at once)", file=sys.stderr, flush=True)
 
@@ -140,7 +141,6 @@ class StudyGuard:
             problem, kind = self._find_problem()
             if problem is not None and self.problem is None:
                 self.problem, self._kind = problem, kind
-                mute_tune_logs()
         return self.problem
 
     def _find_problem(self) -> tuple[str | None, str | None]:
@@ -161,6 +161,10 @@ class StudyGuard:
 
     def should_stop(self) -> bool:
         return self.signum is not None or self.check_store() is not None
+
+    def stopping(self) -> bool:
+        """Like :meth:`should_stop`, checking the store now (for rare events: log lines)."""
+        return self.signum is not None or self.check_store(force=True) is not None
 
     # -- after Tune stopped -----------------------------------------------------------------
     def raise_if_stopped(self) -> None:
@@ -197,7 +201,8 @@ class StudyGuard:
             ok = _sqlite_ok(tmp)
             if ok:
                 os.replace(tmp, self.db)
-                return f"wrote the store back from the copy this driver held open{moved}"
+                return ("wrote the store back from the copy this driver held open (its finished "
+                    f"trials are kept){moved}")
             keep = self.db.with_name(f"{self.db.name}.rescued-{stamp}")
             os.replace(tmp, keep)
             return f"the copy this driver held open fails SQLite's check: kept as {keep}{moved}"
@@ -217,29 +222,31 @@ def _sqlite_ok(path: Path) -> bool:
 
 
 class _MuteWhenStopping(logging.Filter):
+    """Drops Ray's log records while the active guard is stopping the study: the runner says
+    in one line why, and the trial errors a vanished store causes would only repeat it."""
+
     def filter(self, record: logging.LogRecord) -> bool:
-        return False
+        g = _ACTIVE
+        return g is None or not g.stopping()
 
 
 _MUTE = _MuteWhenStopping()
 _MUTED: list[Any] = []
 
 
-def mute_tune_logs() -> None:
-    """Drop Ray's log lines from now on (the runner says in one line why the study stops)."""
-    seen = set()
-    for name in ["ray", *[n for n in logging.root.manager.loggerDict if n.startswith("ray")]]:
+def mute_ray_logs_when_stopping() -> None:
+    """Put the filter on Ray's loggers and their handlers (again after ``ray.init``, which
+    configures them)."""
+    names = ["ray", *[n for n in logging.root.manager.loggerDict if n.startswith("ray")]]
+    for name in names:
         lg = logging.getLogger(name)
-        for h in lg.handlers:
-            if id(h) not in seen:
-                seen.add(id(h))
-                h.addFilter(_MUTE)
-                _MUTED.append(h)
-        lg.addFilter(_MUTE)
-        _MUTED.append(lg)
+        for obj in [lg, *lg.handlers]:
+            if _MUTE not in obj.filters:
+                obj.addFilter(_MUTE)
+                _MUTED.append(obj)
 
 
-def unmute_tune_logs() -> None:
+def unmute_ray_logs() -> None:
     for obj in _MUTED:
         obj.removeFilter(_MUTE)
     _MUTED.clear()

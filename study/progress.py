@@ -8,6 +8,16 @@ from typing import Any
 
 from ray.tune import Callback
 
+from .guard import active_guard
+
+#: a result key whose value a trial wants shown on the driver's console (see trainable.py)
+WARNING_KEY = "nasrisk_warning"
+
+
+def _stopping() -> bool:
+    g = active_guard()
+    return g is not None and g.stopping()
+
 
 def fmt_duration(s: float) -> str:
     s = int(max(s, 0))
@@ -57,18 +67,28 @@ class ProgressPrinter(Callback):
         self._print()
 
     def on_trial_recover(self, iteration, trials, trial, **info):
-        print(f"[{self.label}] trial {trial} failed, retrying from its last checkpoint",
-              file=self.stream or sys.stdout, flush=True)
+        if not _stopping():
+            print(f"[{self.label}] trial {trial} failed, retrying from its last checkpoint",
+                  file=self.stream or sys.stdout, flush=True)
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        warning = result.get(WARNING_KEY)
+        if warning:
+            print(f"[{self.label}] warning: {' '.join(str(warning).split())}",
+                  file=self.stream or sys.stderr, flush=True)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         self.running.discard(trial.trial_id)
+        if not (trial.last_result or {}).get("trial_done"):
+            return  # stopped with the study, not finished
         self.done += 1
         self._print()
 
     def on_trial_error(self, iteration, trials, trial, **info):
         self.running.discard(trial.trial_id)
         self.failed[trial.trial_id] = str(trial)
-        self._print()
+        if not _stopping():
+            self._print()
 
     def on_step_end(self, iteration, trials, **info):
         if time.time() - self.last >= self.every:

@@ -6,8 +6,12 @@
 * Per-trial resources (fractional GPUs allowed), ``FailureConfig(max_failures)``, trial
   checkpoints through Tune so a retried trial continues from its last epoch, and actor reuse
   so thousands of short trials do not each pay Ray's start-up.
-* ``resume`` restores the latest Tune experiment of each stage (``Tuner.restore`` with
-  errored trials resumed from their checkpoints), then runs whatever is still missing.
+* ``resume`` (and a second ``run``) starts a new Tune experiment of the trials not done; each
+  continues from its newest good checkpoint in any of the stage's experiments (see
+  :mod:`nasrisk.study.trainable`). Restoring Tune's own experiment snapshot instead would lose
+  the checkpoints written after its last snapshot, and fail on ones it has since deleted.
+* One driver per workdir (:mod:`nasrisk.study.lock`); SIGINT / SIGTERM and a store that
+  vanishes or turns read-only stop the study cleanly (:mod:`nasrisk.study.guard`).
 """
 
 from __future__ import annotations
@@ -23,15 +27,19 @@ from typing import Any
 
 from nasrisk.trials.errors import UserError
 
+from .guard import StudyGuard, StudyInterrupted, tune_stopper
+from .lock import WorkdirLock
 from .plan import RunOptions, StagePlan, StudyPlan
-from .probes import check_trial_resources
+from .probes import check_trial_resources, sqlite_path
 from .spec import spec_to_yaml
-from .tracking import default_tracking_uri, done_runs, ensure_experiment, git_commit
+from .tracking import default_tracking_uri, done_runs, ensure_experiment, failed_runs, git_commit
 from .workdir import Workdir
 
 os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
 os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "5")
 os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+# SIGINT is the study guard's (it stops the trials and says how to resume), not Tune's
+os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 # trials checkpoint every epoch on purpose; Tune's warning about frequent snapshots is noise here
 os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
@@ -47,6 +55,8 @@ class StageOutcome:
     finished: int
     failed: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    #: trial name -> first line of the error its MLflow run holds (failed trials with a run)
+    errors: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -92,7 +102,7 @@ def _runtime(plan: StudyPlan, stage: StagePlan, uri: str, exp_id: str, wd: Workd
     return {
         "study": plan.spec.name, "profile": plan.profile, "params": plan.params,
         "tracking_uri": uri, "experiment_id": exp_id, "data_root": str(data_root),
-        "download": download, "store_root": str(wd.store),
+        "download": download, "store_root": str(wd.store), "tune_root": str(wd.tune),
         "cpus_per_trial": stage.resources.cpu, "gpus_per_trial": stage.resources.gpu,
         "version": version("nasrisk"), "git_commit": git_commit(),
     }
@@ -111,27 +121,6 @@ def _payload(stage: StagePlan, keys: list[str] | None) -> list[dict[str, Any]] |
             for t in (by_key[k] for k in keys if k in by_key)]
 
 
-def _restore_stage(path: Path, runtime: dict[str, Any], payload: list[dict[str, Any]] | None,
-                   label: str) -> None:
-    """Restore a stage's Tune experiment so unfinished trials continue from their checkpoints.
-
-    Tune does not save the param space with the experiment, so a driver killed before Tune's
-    first experiment snapshot leaves a state whose search algorithm would invent trials with
-    an empty config; the grid is therefore passed again (the same trials, from the run record).
-    Should the restore still fail, the unfinished trials start as a fresh experiment instead:
-    nothing is lost but their last epochs, and their MLflow runs are found by trial key."""
-    from ray import tune
-
-    kw = {"param_space": {"trial": tune.grid_search(payload)}} if payload else {}
-    try:
-        tuner = tune.Tuner.restore(str(path), trainable=_trainable(runtime),
-                                   resume_unfinished=True, resume_errored=True, **kw)
-        tuner.fit()
-    except Exception as e:  # noqa: BLE001 - trial errors never reach here, only Tune's own
-        print(f"[{label}] could not restore {path.name} ({type(e).__name__}: {e}); "
-              "running its unfinished trials as a new experiment", file=sys.stderr, flush=True)
-
-
 def trial_dirname(trial: Any) -> str:
     return f"{trial.config['trial']['key']}_{trial.trial_id}"
 
@@ -147,7 +136,7 @@ def _trainable(runtime: dict[str, Any]):
 
 def _run_stage(plan: StudyPlan, stage: StagePlan, *, uri: str, exp_id: str, wd: Workdir,
                data_root: Path, download: bool, record: dict[str, Any],
-               restore: bool, address: str | None) -> StageOutcome:
+               restore: bool, address: str | None, guard: StudyGuard) -> StageOutcome:
     from ray import tune
 
     t0 = time.time()
@@ -157,28 +146,21 @@ def _run_stage(plan: StudyPlan, stage: StagePlan, *, uri: str, exp_id: str, wd: 
     keys = {t.key for t in stage.trials}
     done = set(done_runs(uri, exp_id, name)) & keys
     exps: list[str] = record.setdefault("tune_experiments", {}).setdefault(name, [])
-    # 1. a previous Tune experiment of this stage: restore it (resume only)
-    if restore and exps:
-        path = wd.tune / exps[-1]
-        if tune.Tuner.can_restore(str(path)):
-            todo = len(keys - done)
-            print(f"[{label}] restoring Tune experiment {path} ({todo} trials not done)",
-                  flush=True)
-            if todo:
-                init_ray(address)
-                check_trial_resources(stage, plan.options, address)
-                _restore_stage(path, runtime, _payload(stage, record.get("tune_trials", {})
-                                                       .get(exps[-1])), label)
-            done = set(done_runs(uri, exp_id, name)) & keys
-    # 2. whatever MLflow does not hold as done: a fresh Tune experiment
+    # whatever MLflow does not hold as done: a fresh Tune experiment, each trial continuing
+    # from its newest good checkpoint in the stage's earlier experiments
     todo = [t for t in stage.trials if t.key not in done]
     skipped = len(stage.trials) - len(todo)
     if skipped:
         print(f"[{label}] {skipped} of {len(stage.trials)} trials already done in MLflow; "
               "not rerunning them", flush=True)
+    if todo and exps:
+        print(f"[{label}] {len(todo)} trials not done: each continues from its last "
+              f"checkpoint in {wd.tune} (if any)", flush=True)
     if todo:
         init_ray(address)
+        guard.install()  # again: ray.init sets its own SIGTERM handler
         check_trial_resources(stage, plan.options, address)
+        guard.raise_if_stopped()
         exp_name = f"{plan.spec.name}.{name}.{len(exps) + 1}"
         exps.append(exp_name)
         record.setdefault("tune_trials", {})[exp_name] = [t.key for t in todo]
@@ -190,17 +172,27 @@ def _run_stage(plan: StudyPlan, stage: StagePlan, *, uri: str, exp_id: str, wd: 
             tune_config=tune.TuneConfig(reuse_actors=_reuse_actors(), trial_name_creator=trial_name,
                                         trial_dirname_creator=trial_dirname),
             run_config=tune.RunConfig(
-                name=exp_name, storage_path=str(wd.tune), verbose=0,
+                name=exp_name, storage_path=str(wd.tune), verbose=0, stop=tune_stopper(),
                 failure_config=tune.FailureConfig(max_failures=plan.options.max_failures),
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
                 callbacks=[_progress(label, len(stage.trials), skipped)],
             ),
         )
-        tuner.fit()
+        try:
+            tuner.fit()
+        except KeyboardInterrupt:  # a second signal: Tune did not get to stop the trials
+            raise StudyInterrupted(guard.signum or 2, guard.resume_hint) from None
+        except Exception:
+            guard.raise_if_stopped()  # Tune failing because the store went away
+            raise
+        guard.raise_if_stopped()
     now_done = set(done_runs(uri, exp_id, name)) & keys
     failed = [t.name for t in stage.trials if t.key not in now_done]
+    errors = failed_runs(uri, exp_id, name) if failed else {}
+    by_key = {t.key: t.name for t in stage.trials}
     return StageOutcome(name, len(stage.trials), skipped, len(now_done) - skipped, failed,
-                        time.time() - t0)
+                        time.time() - t0,
+                        {by_key[k]: e for k, e in errors.items() if k in by_key and k not in now_done})
 
 
 def _reuse_actors() -> bool:
@@ -219,12 +211,26 @@ def run_study(plan: StudyPlan, *, workdir: str | Path | None = None,
               tracking_uri: str | None = None, address: str | None = None,
               data_root: str | Path | None = None, download: bool = False,
               restore: bool = False) -> StudyOutcome:
-    """Run (or, with ``restore``, resume) every stage of a planned study."""
+    """Run (or, with ``restore``, resume) every stage of a planned study. Holds the workdir
+    (:class:`~nasrisk.study.lock.WorkdirLock`) throughout; raises
+    :class:`~nasrisk.study.guard.StudyInterrupted` when a signal stopped it and
+    :class:`~nasrisk.study.guard.StoreLost` when its store failed mid-run."""
     wd = Workdir.at(workdir)
-    wd.root.mkdir(parents=True, exist_ok=True)
-    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(wd.root)
+    with WorkdirLock(wd.root):
+        uri = (tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+               or default_tracking_uri(wd.root))
+        hint = f"nasrisk resume {plan.spec.name} --workdir {wd.root}"
+        with StudyGuard(resume_hint=hint, db=sqlite_path(uri),
+                        writable=[wd.root, wd.tune]) as guard:
+            return _run_study(plan, wd, uri, address, data_root, download, restore, guard)
+
+
+def _run_study(plan: StudyPlan, wd: Workdir, uri: str, address: str | None,
+               data_root: str | Path | None, download: bool, restore: bool,
+               guard: StudyGuard) -> StudyOutcome:
     data = Path(data_root).resolve() if data_root else wd.data
     exp_id = ensure_experiment(uri, plan.spec.name, wd.artifacts)
+    guard.watch_store()
     try:
         record = wd.run_record(plan.spec.name) if restore else {}
     except UserError:
@@ -241,17 +247,28 @@ def run_study(plan: StudyPlan, *, workdir: str | Path | None = None,
     for stage in plan.stages:
         out = _run_stage(plan, stage, uri=uri, exp_id=exp_id, wd=wd, data_root=data,
                          download=download, record=record, restore=restore,
-                         address=address)
+                         address=address, guard=guard)
         wd.save_run_record(plan.spec.name, record)
         outcomes.append(out)
         if out.failed:
-            print(f"[{plan.spec.name}/{stage.spec.name}] {len(out.failed)} trials failed "
-                  f"(e.g. {out.failed[0]}); their MLflow runs carry the error "
-                  "(tag nasrisk.error); `nasrisk resume` retries them", file=sys.stderr)
+            print(f"[{plan.spec.name}/{stage.spec.name}] {_failure_line(out)}; "
+                  f"`{guard.resume_hint}` retries them", file=sys.stderr)
             if stage is not plan.stages[-1]:
                 print("later stages need this one complete: stopping here", file=sys.stderr)
                 break
     return StudyOutcome(plan.spec.name, uri, exp_id, outcomes)
+
+
+def _failure_line(out: StageOutcome) -> str:
+    """How many trials failed and what their MLflow runs say (only what they do say)."""
+    line = f"{len(out.failed)} trials failed"
+    if out.errors:
+        name, err = next(iter(out.errors.items()))
+        line += (f" (e.g. {name}: {err[:200]}); {len(out.errors)} of their MLflow runs hold "
+                 "the error (tag nasrisk.error)")
+    else:
+        line += f" (e.g. {out.failed[0]}); no MLflow run holds their error"
+    return line
 
 
 def options_from_record(record: dict[str, Any]) -> RunOptions:

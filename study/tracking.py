@@ -33,6 +33,7 @@ TAG_ROLE = "nasrisk.role"
 TAG_STUDY = "nasrisk.study"
 TAG_STAGE = "nasrisk.stage"
 TAG_KIND = "nasrisk.kind"
+TAG_ERROR = "nasrisk.error"
 
 
 def default_tracking_uri(workdir: Path) -> str:
@@ -77,6 +78,16 @@ def done_runs(uri: str, experiment_id: str, stage: str | None = None) -> dict[st
         token = page.token
         if not token:
             return out
+
+
+def failed_runs(uri: str, experiment_id: str, stage: str | None = None) -> dict[str, str]:
+    """trial key -> the first line of its error, for every trial run tagged failed."""
+    filt = f"tags.`{TAG_STATUS}` = 'failed' and tags.`{TAG_ROLE}` = 'trial'"
+    if stage:
+        filt += f" and tags.`{TAG_STAGE}` = '{stage}'"
+    runs = client(uri).search_runs([experiment_id], filter_string=filt, max_results=1000)
+    return {r.data.tags[TAG_KEY]: (r.data.tags.get(TAG_ERROR) or "?").splitlines()[0]
+            for r in runs}
 
 
 def git_commit() -> str:
@@ -179,11 +190,19 @@ class TrialRun:
     def finish(self, metrics: Mapping[str, float]) -> None:
         self.log_metrics(metrics)
         self.set_tags({TAG_STATUS: "done"})
+        # an earlier attempt's error no longer describes this run
+        if TAG_ERROR in self.client.get_run(self.run_id).data.tags:
+            self.client.delete_tag(self.run_id, TAG_ERROR)
         self.client.set_terminated(self.run_id, status="FINISHED")
 
     def fail(self, message: str) -> None:
-        self.set_tags({TAG_STATUS: "failed", "nasrisk.error": message[:4000]})
+        self.set_tags({TAG_STATUS: "failed", TAG_ERROR: message[:4000]})
         self.client.set_terminated(self.run_id, status="FAILED")
+
+    def stop(self) -> None:
+        """The study was stopped (a signal, a store fault): not done, and not a failure."""
+        self.set_tags({TAG_STATUS: "stopped"})
+        self.client.set_terminated(self.run_id, status="KILLED")
 
 
 def _is_number(v: Any) -> bool:

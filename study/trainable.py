@@ -1,15 +1,35 @@
 """The function Ray Tune runs for every trial (on a worker): it opens the trial's one MLflow
-run, restores the trial's state from the Tune checkpoint, calls the plain trial kind with a
-:class:`TuneContext`, and marks the run done."""
+run, restores the trial's state from its newest good checkpoint, calls the plain trial kind
+with a :class:`TuneContext`, and marks the run done.
+
+Checkpoints. A trial's checkpoints live in its Tune trial folders,
+``<workdir>/tune/<study>.<stage>.<n>/<trial key>_<trial id>/checkpoint_*`` (``state.pt`` plus
+``meta.json``: run id, key, a sequence number that grows over every attempt, the epoch, and
+the SHA-256 of ``state.pt``). A trial starts from the newest good one among *all* of its
+key's folders in the stage's experiments, not only from the one Tune hands it: Tune's
+experiment snapshot lags its trials' checkpoints by seconds (a driver killed in between would
+restart trials from an older checkpoint, or from scratch), and a later experiment of the
+stage (``resume``) knows nothing of an earlier one's checkpoints. A checkpoint that is
+missing a file, fails its checksum or does not load is skipped with one warning line naming
+the trial and epoch, and the next older one is used (or none: from scratch).
+
+Warnings a trial raises (:meth:`TuneContext.warn`) reach the driver's console through a Tune
+result (key :data:`WARNING_KEY`) and are kept on the run as tag ``nasrisk.warning``.
+"""
 
 from __future__ import annotations
 
+import glob
+import hashlib
 import json
 import os
+import shutil
+import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Mapping
+import uuid
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -20,27 +40,55 @@ import nasrisk.trials  # noqa: F401  (registers every entry in this worker)
 from nasrisk.trials.context import TrialContext
 from nasrisk.trials.registry import TRIAL_KINDS
 
+from .progress import WARNING_KEY
 from .tracking import TAG_KIND, TAG_STAGE, TAG_STUDY, TrialRun
 
 STATE_FILE = "state.pt"
 META_FILE = "meta.json"
+TAG_WARNING = "nasrisk.warning"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def state_epoch(state: Mapping[str, Any]) -> int | None:
+    """The furthest ``epoch`` among the state's parts (training loops save one), if any."""
+    epochs = [v["epoch"] for v in state.values()
+              if isinstance(v, Mapping) and isinstance(v.get("epoch"), int)]
+    return max(epochs) if epochs else None
+
+
+def _report_warning(message: str) -> None:
+    print(f"nasrisk warning: {message}", file=sys.stderr, flush=True)
+    tune.report({WARNING_KEY: message})
 
 
 class TuneContext(TrialContext):
     """Checkpoints through ``ray.tune.report`` (the run id travels inside the checkpoint) and
-    logs metrics and artifacts to the trial's MLflow run."""
+    logs metrics, artifacts and warnings to the trial's MLflow run."""
 
-    def __init__(self, run: TrialRun, state: dict[str, Any], **kw: Any) -> None:
+    def __init__(self, run: TrialRun, state: dict[str, Any], *, key: str, **kw: Any) -> None:
         super().__init__(**kw)
         self.run = run
+        self.key = key
         self._state = state
         self._saves = 0
 
     def _persist(self, metrics: Mapping[str, float]) -> None:
         self._saves += 1
+        seq = int(self._state.get("__seq__", 0)) + 1
+        self._state["__seq__"] = seq
         with tempfile.TemporaryDirectory(prefix="nasrisk-ckpt-") as d:
             torch.save(self._state, Path(d) / STATE_FILE)
-            (Path(d) / META_FILE).write_text(json.dumps({"run_id": self.run.run_id}))
+            meta = {"run_id": self.run.run_id, "key": self.key, "seq": seq,
+                    "epoch": state_epoch(self._state), "time": time.time(),
+                    "sha256": _sha256(Path(d) / STATE_FILE)}
+            (Path(d) / META_FILE).write_text(json.dumps(meta))
             report = {k: float(v) for k, v in metrics.items()}
             report["checkpoint_saves"] = self._saves
             tune.report(report, checkpoint=tune.Checkpoint.from_directory(d))
@@ -48,23 +96,117 @@ class TuneContext(TrialContext):
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
         self.run.log_metrics(metrics, step=step)
 
+    def warn(self, message: str) -> None:
+        self.warnings.append(message)
+        self.run.set_tags({TAG_WARNING: " | ".join(self.warnings)[-4000:]})
+        _report_warning(message)
 
-def _restore() -> tuple[dict[str, Any], str | None]:
+
+# -- checkpoints -----------------------------------------------------------------------------
+class CorruptCheckpoint(Exception):
+    """A checkpoint folder that cannot be used; the message says why."""
+
+
+def checkpoint_dirs(tune_root: str | Path, study: str, stage: str, key: str) -> list[Path]:
+    """Every checkpoint folder of trial ``key`` in the stage's Tune experiments."""
+    pattern = (f"{glob.escape(study)}.{glob.escape(stage)}.*/{glob.escape(key)}_*/"
+               "checkpoint_*")
+    return [p for p in Path(tune_root).glob(pattern) if p.is_dir()]
+
+
+def _meta(d: Path) -> dict[str, Any] | None:
+    try:
+        meta = json.loads((d / META_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return meta if isinstance(meta, dict) else None
+
+
+def load_checkpoint(d: Path, key: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(state, meta) of the checkpoint folder ``d``, or :class:`CorruptCheckpoint`."""
+    meta = _meta(d)
+    if meta is None:
+        raise CorruptCheckpoint(f"{META_FILE} is missing or unreadable")
+    if meta.get("key") not in (None, key):
+        raise CorruptCheckpoint(f"it belongs to trial {meta.get('key')}")
+    pt = d / STATE_FILE
+    if not pt.is_file():
+        raise CorruptCheckpoint(f"{STATE_FILE} is missing")
+    try:
+        if meta.get("sha256") and _sha256(pt) != meta["sha256"]:
+            raise CorruptCheckpoint(f"{STATE_FILE} does not match its SHA-256")
+        state = torch.load(pt, map_location="cpu", weights_only=True)
+    except CorruptCheckpoint:
+        raise
+    except Exception as e:  # noqa: BLE001 - whatever does not load is corrupt
+        raise CorruptCheckpoint(f"{STATE_FILE} does not load ({type(e).__name__}: "
+                                f"{str(e).splitlines()[0] if str(e) else ''})") from None
+    if not isinstance(state, dict):
+        raise CorruptCheckpoint(f"{STATE_FILE} holds no state dict")
+    return state, meta
+
+
+def _order(d: Path) -> tuple[int, float]:
+    meta = _meta(d) or {}
+    try:
+        mtime = d.stat().st_mtime
+    except OSError:
+        mtime = 0.0
+    seq = meta.get("seq")
+    return (seq if isinstance(seq, int) else -1, mtime)
+
+
+def _where(d: Path, meta: Mapping[str, Any] | None) -> str:
+    epoch = (meta or {}).get("epoch")
+    at = f"at epoch {epoch}" if isinstance(epoch, int) else "(epoch unknown)"
+    return f"checkpoint {at} ({d.parent.parent.name}/{d.parent.name}/{d.name})"
+
+
+def newest_good_checkpoint(dirs: list[Path], key: str, name: str,
+                           warn: Callable[[str], None]) -> tuple[dict[str, Any], str | None]:
+    """(state, run id) of the newest checkpoint among ``dirs`` that loads; corrupt newer ones
+    are named in one ``warn`` line. ({}, None) when there is none: start from scratch."""
+    bad: list[str] = []
+    for d in sorted(set(dirs), key=_order, reverse=True):
+        try:
+            state, meta = load_checkpoint(d, key)
+        except CorruptCheckpoint as e:
+            bad.append(f"{_where(d, _meta(d))} is corrupt ({e})")
+            continue
+        if bad:
+            epoch = meta.get("epoch")
+            warn(f"trial {name}: {'; '.join(bad)}: continuing from the "
+                 f"{'checkpoint at epoch ' + str(epoch) if isinstance(epoch, int) else 'previous checkpoint'}")
+        return state, meta.get("run_id")
+    if bad:
+        warn(f"trial {name}: {'; '.join(bad)}: starting from scratch")
+    return {}, None
+
+
+def _restore(t: Mapping[str, Any], runtime: Mapping[str, Any],
+             warn: Callable[[str], None]) -> tuple[dict[str, Any], str | None]:
+    dirs: list[Path] = []
+    if runtime.get("tune_root"):
+        dirs = checkpoint_dirs(runtime["tune_root"], runtime["study"], t["stage"], t["key"])
     ckpt = tune.get_checkpoint()
-    if ckpt is None:
-        return {}, None
-    with ckpt.as_directory() as d:
-        state = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=True)
-        meta = json.loads((Path(d) / META_FILE).read_text())
-    return state, meta.get("run_id")
+    if ckpt is not None and Path(ckpt.path).is_dir():  # the one Tune knows (a retry)
+        dirs.append(Path(ckpt.path))
+    return newest_good_checkpoint(dirs, t["key"], t["name"], warn)
 
 
+# -- the trial -------------------------------------------------------------------------------
 def run_trial(params: dict[str, Any], runtime: dict[str, Any]) -> None:
     """Tune entry point. ``params["trial"]`` is one planned trial; ``runtime`` holds what is the
     same for all trials of a study run (tracking URI, experiment id, paths, resources)."""
     t = params["trial"]
     torch.set_num_threads(max(1, int(runtime.get("cpus_per_trial", 1))))
-    state, run_id = _restore()
+    early: list[str] = []
+
+    def warn_early(message: str) -> None:
+        early.append(message)
+        _report_warning(message)
+
+    state, run_id = _restore(t, runtime, warn_early)
     run = TrialRun(runtime["tracking_uri"], runtime["experiment_id"], t["key"])
     kind = TRIAL_KINDS.get(t["kind"])
     params_logged = {**t["config"], "profile": runtime["profile"], "stage": t["stage"],
@@ -80,30 +222,47 @@ def run_trial(params: dict[str, Any], runtime: dict[str, Any]) -> None:
         done = run.client.get_run(run.run_id).data.metrics
         tune.report({**done, "trial_done": 1.0})
         return
+    if early:
+        run.set_tags({TAG_WARNING: " | ".join(early)[-4000:]})
     if t["kind"] != "victim" and params_logged.get("victim_key"):
         run.link_victim(str(params_logged["victim_key"]))
     gpus = runtime.get("gpus_per_trial", 0)
     device = "cuda" if gpus and torch.cuda.is_available() else "cpu"
-    artifacts = Path(tempfile.mkdtemp(prefix="nasrisk-art-"))
-    ctx = TuneContext(run, state, device=device, artifact_dir=artifacts,
+    # created only if the trial writes an artifact (TrialContext.artifact_dir makes it)
+    artifacts = Path(tempfile.gettempdir()) / f"nasrisk-art-{uuid.uuid4().hex[:12]}"
+    ctx = TuneContext(run, state, key=t["key"], device=device, artifact_dir=artifacts,
                       data_root=runtime["data_root"], download=runtime["download"],
                       store_root=runtime.get("store_root"))
+    ctx.warnings.extend(early)
     t0 = time.perf_counter()
     attempts = int(state.get("__attempts__", 0)) + 1
     ctx._state["__attempts__"] = attempts
     try:
-        metrics = kind(t["config"], ctx)
-    except BaseException as e:
-        run.fail(f"{type(e).__name__}: {e}\n{traceback.format_exc()[-3000:]}")
-        raise
-    metrics = {**metrics, "time_total_s": time.perf_counter() - t0, "attempts": attempts}
-    run.log_artifacts(artifacts)
-    run.finish(metrics)
-    tune.report({k: float(v) for k, v in metrics.items()} | {"trial_done": 1.0})
-    os.environ.get("NASRISK_KEEP_ARTIFACTS") or _rmtree(artifacts)
+        try:
+            metrics = kind(t["config"], ctx)
+        except (KeyboardInterrupt, SystemExit) as e:
+            # Tune stopping the trial (the study is being stopped) is not a failure
+            if isinstance(e, SystemExit) and e.code not in (0, None):
+                exit_message = f"SystemExit: {e.code}"
+                _quietly(lambda: run.fail(exit_message))
+            else:
+                _quietly(run.stop)
+            raise
+        except BaseException as e:
+            message = f"{type(e).__name__}: {e}\n{traceback.format_exc()[-3000:]}"
+            _quietly(lambda: run.fail(message))  # a broken store must not hide the error
+            raise
+        metrics = {**metrics, "time_total_s": time.perf_counter() - t0, "attempts": attempts}
+        run.log_artifacts(artifacts)
+        run.finish(metrics)
+        tune.report({k: float(v) for k, v in metrics.items()} | {"trial_done": 1.0})
+    finally:
+        if not os.environ.get("NASRISK_KEEP_ARTIFACTS"):
+            shutil.rmtree(artifacts, ignore_errors=True)
 
 
-def _rmtree(p: Path) -> None:
-    import shutil
-
-    shutil.rmtree(p, ignore_errors=True)
+def _quietly(fn: Callable[[], Any]) -> None:
+    try:
+        fn()
+    except Exception:  # noqa: BLE001 - best effort while the trial ends anyway
+        pass

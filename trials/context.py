@@ -2,9 +2,9 @@
 
 A trial is a plain function ``config -> metrics``; the runner hands it a :class:`TrialContext`
 for everything that is not pure computation: the device, resumable state (checkpoints), metric
-and artifact logging, and progress. :class:`LocalContext` is the Ray-free implementation used
-by tests and notebooks; ``nasrisk.study`` supplies one that checkpoints through Ray Tune and
-logs to MLflow.
+and artifact logging, progress, and warnings. :class:`LocalContext` is the Ray-free
+implementation used by tests and notebooks; ``nasrisk.study`` supplies one that checkpoints
+through Ray Tune and logs to MLflow.
 
 State is one dict per trial, saved whole on every :meth:`TrialContext.save_state` so a retried
 trial resumes from the last call (e.g. the last finished epoch). Values must be what
@@ -14,6 +14,7 @@ trial resumes from the last call (e.g. the last finished epoch). Values must be 
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -41,6 +42,8 @@ class TrialContext:
         self._artifact_dir = Path(artifact_dir) if artifact_dir else None
         self.verbose = verbose
         self.metrics_log: list[tuple[dict[str, float], int | None]] = []
+        #: what :meth:`warn` was told, in order
+        self.warnings: list[str] = []
 
     # -- resumable state -------------------------------------------------------------------
     def load_state(self, key: str) -> Any | None:
@@ -70,6 +73,13 @@ class TrialContext:
     def progress(self, message: str) -> None:
         if self.verbose:
             print(message, flush=True)
+
+    def warn(self, message: str) -> None:
+        """Something the user should hear of although the trial goes on (a corrupt stored
+        victim retrained, say): one line, always shown (the runner also shows it on the
+        driver's console and keeps it on the trial's MLflow run)."""
+        self.warnings.append(message)
+        print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
 class LocalContext(TrialContext):

@@ -9,8 +9,8 @@ Layout under ``root`` (one flat folder, shared by every trial of a study):
 * ``<key>.lock`` an empty file that :meth:`VictimStore.lock` holds an ``fcntl.flock`` on.
 
 A ``.pt`` without its ``.json`` (a writer died between the two renames), a size or checksum
-mismatch (truncated, bit-flipped, or replaced file) or a file ``torch.load(weights_only=True)``
-rejects is *corrupt*: :meth:`VictimStore.load` reports why, deletes the entry and returns None,
+mismatch (truncated, bit-flipped, or replaced file), something that is not a regular file (a
+folder in its place) or a file ``torch.load(weights_only=True)`` rejects is *corrupt*: :meth:`VictimStore.load` reports why, deletes the entry and returns None,
 so the caller retrains; a corrupt file is never used.
 
 Writers must hold :meth:`VictimStore.lock` for the key around load-check-train-save (as
@@ -35,6 +35,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import tempfile
 import warnings
 from collections.abc import Callable, Iterator
@@ -113,7 +114,7 @@ class VictimStore:
         """
         report = report or _warn
         pt, meta_file = self.path(key), self.meta_path(key)
-        if not pt.exists() and not meta_file.exists():
+        if not pt.exists() and not meta_file.exists() and not pt.is_symlink():
             return None
         problem = self._problem(pt, meta_file)
         obj: dict[str, Any] | None = None
@@ -133,6 +134,15 @@ class VictimStore:
         return obj
 
     def _problem(self, pt: Path, meta_file: Path) -> str | None:
+        try:
+            return self._check_files(pt, meta_file)
+        except OSError as e:  # unreadable, or not a regular file after all
+            return f"cannot read it ({type(e).__name__}: {e.strerror or e})"
+
+    def _check_files(self, pt: Path, meta_file: Path) -> str | None:
+        for p in (pt, meta_file):
+            if p.exists() and not p.is_file():
+                return f"{p.name} is not a regular file"
         if not pt.exists():
             return f"{meta_file.name} exists but {pt.name} is missing"
         if not meta_file.exists():
@@ -177,8 +187,11 @@ class VictimStore:
     def delete(self, key: str) -> None:
         """Remove ``key``'s marker, then its weights (the lock file stays: deleting it would
         let two processes hold 'the' lock on different inodes)."""
-        self.meta_path(key).unlink(missing_ok=True)
-        self.path(key).unlink(missing_ok=True)
+        for p in (self.meta_path(key), self.path(key)):
+            if p.is_dir() and not p.is_symlink():  # something put a folder in its place
+                shutil.rmtree(p)
+            else:
+                p.unlink(missing_ok=True)
 
     # -- locking ----------------------------------------------------------------------------
     @contextlib.contextmanager

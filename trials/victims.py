@@ -187,7 +187,7 @@ def ensure_victim(spec: VictimSpec, ctx: TrialContext, *, data: ImageData | None
     when this call trained it.
 
     Under the store's lock for the key: load from ``ctx.store_root``; if absent (or corrupt:
-    reported through ``ctx.progress`` and deleted), train with label-flipped labels when
+    reported in one line through ``ctx.warn`` and deleted), train with label-flipped labels when
     ``poison_fraction > 0`` (:func:`~nasrisk.trials.poison.label_flip.flip_labels`), with
     epoch checkpoints in ``ctx`` under ``"victim/<key>"`` (a retried trial resumes), then save
     atomically. Concurrent callers for one key wait for the lock and load, so a victim is
@@ -202,7 +202,7 @@ def ensure_victim(spec: VictimSpec, ctx: TrialContext, *, data: ImageData | None
 
     store = VictimStore(ctx.store_root)
     with store.lock(key, on_wait=ctx.progress):
-        found = store.load(key, report=ctx.progress)
+        found = store.load(key, report=ctx.warn)
         if found is None:
             model, record = _train_victim(spec, ctx, victim_data(spec, ctx, data), key)
             store.save(key, model.state_dict(), record)
