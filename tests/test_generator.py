@@ -260,15 +260,18 @@ def test_asr_excludes_target_class_inputs() -> None:
                                           device="cpu"))
 
 
+@pytest.mark.outcome
 def test_training_reaches_high_asr_and_leaves_classifier_untouched(
         data16: ImageData, classifier16: nn.Module, tmp_path) -> None:
     """Pattern phase only (the untrained mask blends about half of each pixel) on 160 images;
-    p_backdoor 0.5 so the short run sees enough trigger inputs."""
+    p_backdoor 0.5 so the short run sees enough trigger inputs. Measured ASR at seeds 0-3:
+    native 0.776/0.671/0.765/0.741, ATEN_CPU_CAPABILITY=default
+    0.741/0.741/0.929/0.882 (seed 0 is tested), against a base rate below 0.05."""
     clf = classifier16
     clf.zero_grad(set_to_none=True)  # the training loop leaves its last gradients
     before = {k: v.clone() for k, v in clf.state_dict().items()}
     flags = [p.requires_grad for p in clf.parameters()]
-    cfg = GeneratorConfig(mask_epochs=0, pattern_epochs=6, batch_size=16, p_backdoor=0.5,
+    cfg = GeneratorConfig(mask_epochs=0, pattern_epochs=8, batch_size=16, p_backdoor=0.5,
                           augment="none")
     ctx = TrialContext(device="cpu")
     res = train_generator(clf, data16, cfg, seed=0, ctx=ctx, max_train=160)
@@ -276,7 +279,7 @@ def test_training_reaches_high_asr_and_leaves_classifier_untouched(
     base = attack_success_rate(clf, _identity_generator(), data16.x_test, data16.y_test,
                                target=0, device="cpu")
     assert base < 0.05
-    assert res["asr"] > 0.6
+    assert res["asr"] > 0.5
     assert res["acc"] == pytest.approx(before_acc(clf, data16))
     # frozen: parameters and BN buffers bit-identical, no gradient, flags and mode restored
     after = clf.state_dict()
@@ -290,7 +293,7 @@ def test_training_reaches_high_asr_and_leaves_classifier_untouched(
     assert attack_success_rate(clf, res["generator"], data16.x_test, data16.y_test, target=0,
                                device="cpu") == pytest.approx(res["asr"])
     logged = [m for m, _ in ctx.metrics_log]
-    assert len(logged) == 6 and all({"gen_asr", "gen_loss"} <= set(m) for m in logged)
+    assert len(logged) == 8 and all({"gen_asr", "gen_loss"} <= set(m) for m in logged)
 
     path = save_trigger_examples(res["generator"], data16.x_test, tmp_path / "t.png", n=4)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -310,24 +313,29 @@ def before_acc(clf: nn.Module, data: ImageData) -> float:
         return (clf(to_float(data.x_test)).argmax(1) == data.y_test).float().mean().item()
 
 
+@pytest.mark.outcome
 def test_mask_phase_pushes_mask_toward_density(data16: ImageData,
                                                classifier16: nn.Module) -> None:
-    """The mask-norm loss: after mask training the (train-mode) mask mean falls toward the
-    density from its initial ~0.5, and lower for a lower density."""
+    """The mask-norm loss: after mask training (4 epochs of 8 steps) the train-mode mask mean
+    falls from its initial ~0.5 toward the density 0.032; without the norm loss
+    (``lambda_norm=0``, diversity alone) it does not. Measured at seeds 0-5, native and
+    ATEN_CPU_CAPABILITY=default: with the loss 0.106-0.213, without 0.421-0.684 (seed 0 is
+    tested: 0.160/0.179 vs 0.421/0.569)."""
     x = to_float(data16.x_train[:64])
     means = {}
-    for density in (0.032, 0.5):
+    for lambda_norm in (100.0, 0.0):
         torch.manual_seed(0)
         g = TriggerGenerator()
-        cfg = GeneratorConfig(mask_epochs=3, pattern_epochs=0, batch_size=16,
-                              mask_density=density, augment="none")
+        cfg = GeneratorConfig(mask_epochs=4, pattern_epochs=0, batch_size=16,
+                              lambda_norm=lambda_norm, augment="none")
         train_generator(classifier16, data16, cfg, seed=0, ctx=TrialContext(device="cpu"),
-                        max_train=64, generator=g)
+                        max_train=128, generator=g)
         g.mask.train()
         with torch.no_grad():
-            means[density] = g.mask_of(x).mean().item()
-    assert means[0.032] < 0.25
-    assert means[0.032] < means[0.5]
+            means[lambda_norm] = g.mask_of(x).mean().item()
+    assert means[100.0] < 0.3
+    assert means[0.0] > 0.35
+    assert means[0.0] - means[100.0] > 0.15
 
 
 # -- resume ------------------------------------------------------------------------------------
