@@ -55,17 +55,20 @@ def test_variants_share_darts_reduce_cell():
 
 
 def test_stats_hand_counted():
-    # Hand counts (depth counts the concat edge to the output; width in units of c):
-    # darts: 0->2->5->out = 3; nodes 2,3,4 fully on inputs, node 5 half -> 3.5.
-    # darts-i: 0->2->3->4->5->out = 5; only node 2 on inputs -> 1.
-    # darts-ii: same wiring as darts -> 3, 3.5; no skips.  darts-iii: 5, 1, no skips.
+    # Hand counts (depth counts the concat edge to the output; width = intermediate nodes fed
+    # only by the input nodes, in units of c, the AutoML paper's Table 3 definition):
+    # darts: 0->2->5->out = 3; nodes 2,3,4 fed only by inputs -> 3 (Shu et al.'s 3.5 counts
+    # node 5 half). darts-i: 0->2->3->4->5->out = 5; only node 2 on inputs -> 1.
+    # darts-ii: same wiring as darts -> 3, 3; no skips.  darts-iii: 5, 1, no skips.
     got = {n: (genotype_stats(n)["depth"], genotype_stats(n)["width"], genotype_stats(n)["skip"])
            for n in ("darts", "darts-i", "darts-ii", "darts-iii")}
-    assert got == {"darts": (3, 3.5, 2), "darts-i": (5, 1.0, 2),
-                   "darts-ii": (3, 3.5, 0), "darts-iii": (5, 1.0, 0)}
-    # AmoebaNet (5 nodes, concat 4,5,6): 0->2->3->4->out = 4; widths 1+.5+.5+1+1 = 4.
+    assert got == {"darts": (3, 3.0, 2), "darts-i": (5, 1.0, 2),
+                   "darts-ii": (3, 3.0, 0), "darts-iii": (5, 1.0, 0)}
+    # AmoebaNet (5 nodes, concat 4,5,6): 0->2->3->4->out = 4; fed only by inputs: 3 nodes
+    # (Shu et al.'s fractional count 1+.5+.5+1+1 = 4).
     assert genotype_stats("amoebanet")["depth"] == 4
-    assert genotype_stats("amoebanet")["width"] == 4.0
+    assert genotype_stats("amoebanet")["width"] == 3.0
+    assert genotype_stats("amoebanet")["width_shu"] == 4.0
 
 
 def test_stats_table_covers_all_genotypes():
@@ -167,5 +170,5 @@ def test_stats_match_shu_et_al():
     # AmoebaNet 4/4c, ENAS 2/5c, DARTS 3/3.5c, SNAS 2/4c.
     want = {"nasnet": (2, 5.0), "amoebanet": (4, 4.0), "enas": (2, 5.0), "darts": (3, 3.5),
             "snas": (2, 4.0)}
-    got = {n: (genotype_stats(n)["depth"], genotype_stats(n)["width"]) for n in want}
+    got = {n: (genotype_stats(n)["depth"], genotype_stats(n)["width_shu"]) for n in want}
     assert got == want
