@@ -225,13 +225,13 @@ def _n_archs(stage: StageSpec, opts: RunOptions, n_profile: int | None) -> int:
 
 def build_plan(spec: StudySpec, opts: RunOptions) -> StudyPlan:
     """Expand every stage into validated trials (raises UserError on any bad value)."""
-    pname = opts.profile or spec.default_profile
+    pname = spec.default_profile if opts.profile is None else opts.profile
     if pname not in spec.profiles:
         raise UserError(f"unknown profile {pname!r} for study {spec.name}; valid: "
                         f"{', '.join(spec.profiles)}")
     prof = spec.profiles[pname]
-    params = opts.params or spec.params
-    dataset = opts.dataset or prof.dataset
+    params = spec.params if opts.params is None else opts.params
+    dataset = prof.dataset if opts.dataset is None else opts.dataset
     if dataset is not None and dataset not in DATASETS:
         DATASETS.get(dataset)  # raises the one-line error listing valid datasets
     seed = opts.seed if opts.seed is not None else prof.seed

@@ -193,6 +193,8 @@ def test_a_huge_grid_is_refused_without_being_expanded(run_cli, tmp_path):
     (["--resource-timeout", "nan"], "--resource-timeout"),
     (["--seed", str(2**70)], "--seed"),
     (["--num-archs", str(10**9)], "--num-archs"),
+    (["--profile", ""], "unknown profile ''"),
+    (["--dataset", ""], "unknown dataset ''"),
 ])
 def test_bad_numbers_on_the_command_line(run_cli, tmp_path, args, needle):
     code, _, err = run_cli("run", "calibrate", "--workdir", str(tmp_path / "wd"), *args)
