@@ -84,11 +84,7 @@ class TuneContext(TrialContext):
         seq = int(self._state.get("__seq__", 0)) + 1
         self._state["__seq__"] = seq
         with tempfile.TemporaryDirectory(prefix="nasrisk-ckpt-") as d:
-            torch.save(self._state, Path(d) / STATE_FILE)
-            meta = {"run_id": self.run.run_id, "key": self.key, "seq": seq,
-                    "epoch": state_epoch(self._state), "time": time.time(),
-                    "sha256": _sha256(Path(d) / STATE_FILE)}
-            (Path(d) / META_FILE).write_text(json.dumps(meta))
+            write_checkpoint(Path(d), self._state, run_id=self.run.run_id, key=self.key)
             report = {k: float(v) for k, v in metrics.items()}
             report["checkpoint_saves"] = self._saves
             tune.report(report, checkpoint=tune.Checkpoint.from_directory(d))
@@ -112,6 +108,14 @@ def checkpoint_dirs(tune_root: str | Path, study: str, stage: str, key: str) -> 
     pattern = (f"{glob.escape(study)}.{glob.escape(stage)}.*/{glob.escape(key)}_*/"
                "checkpoint_*")
     return [p for p in Path(tune_root).glob(pattern) if p.is_dir()]
+
+
+def write_checkpoint(d: Path, state: dict[str, Any], *, run_id: str | None, key: str) -> None:
+    """``state.pt`` and ``meta.json`` of one checkpoint into the folder ``d``."""
+    torch.save(state, d / STATE_FILE)
+    meta = {"run_id": run_id, "key": key, "seq": int(state.get("__seq__", 0)),
+            "epoch": state_epoch(state), "time": time.time(), "sha256": _sha256(d / STATE_FILE)}
+    (d / META_FILE).write_text(json.dumps(meta))
 
 
 def _meta(d: Path) -> dict[str, Any] | None:

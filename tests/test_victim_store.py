@@ -118,7 +118,8 @@ def test_store_round_trip(tmp_path):
         store.path("../escape")
 
 
-@pytest.mark.parametrize("damage", ["truncate", "bitflip", "uncommitted", "no_weights"])
+@pytest.mark.parametrize("damage", ["truncate", "bitflip", "uncommitted", "no_weights",
+                                    "weights_are_a_folder", "marker_is_a_folder"])
 def test_store_detects_corruption(tmp_path, damage):
     store = VictimStore(tmp_path)
     store.save("abc", _state(), {"acc": 0.5})
@@ -134,9 +135,14 @@ def test_store_detects_corruption(tmp_path, damage):
     elif damage == "uncommitted":
         store.meta_path("abc").unlink()
         reason = "before committing"
-    else:
+    elif damage == "no_weights":
         pt.unlink()
         reason = "missing"
+    else:  # something put a folder where a file belongs
+        p = pt if damage == "weights_are_a_folder" else store.meta_path("abc")
+        p.unlink()
+        (p / "inner").mkdir(parents=True)
+        reason = "not a regular file"
     said: list[str] = []
     assert store.load("abc", report=said.append) is None
     assert len(said) == 1 and "corrupt" in said[0] and reason in said[0]
@@ -220,6 +226,8 @@ def test_truncated_store_file_is_reported_and_retrained(tmp_path):
     ctx = RecordingContext(tmp_path / "t2", store_root=tmp_path / "s")
     _, r2 = ensure_victim(spec, ctx)
     assert r2["source"] == "trained"
-    assert any("corrupt" in m and spec.key() in m for m in ctx.messages)
+    # said as a warning (shown on the driver's console under the runner), in one line
+    corrupt = [m for m in ctx.warnings if "corrupt" in m]
+    assert len(corrupt) == 1 and spec.key() in corrupt[0] and "\n" not in corrupt[0]
     assert r2["acc"] == pytest.approx(r1["acc"])  # deterministic retraining, same victim
     assert VictimStore(tmp_path / "s").load(spec.key()) is not None  # a valid entry again
