@@ -85,12 +85,16 @@ def _cad_curve(fractions, n_train, epochs):
     return [clean_accuracy_drop(accs[0], a) for a in accs]
 
 
+@pytest.mark.outcome
 def test_cad_grows_with_fraction_fast():
     cad = _cad_curve((0.0, 0.8), n_train=1000, epochs=2)
-    assert cad[0] == 0.0 and cad[1] > 0.05, cad
+    # Measured over seeds 0-5 (init, flips, training) x default/avx2/avx512 kernels: clean
+    # 0.582-0.660, p=0.8 0.083-0.130 (chance), CAD 0.462-0.560; seed 0 (this test) 0.552.
+    assert cad[0] == 0.0 and cad[1] > 0.2, cad
 
 
 @pytest.mark.slow
+@pytest.mark.outcome
 def test_cad_grows_with_fraction():
     cad = _cad_curve((0.0, 0.4, 0.8), n_train=1500, epochs=3)
     assert cad[0] == 0.0 and cad[2] > cad[1] > 0.0, cad

@@ -8,11 +8,16 @@ from nasrisk.trials.data import load_dataset
 from nasrisk.trials.data.augment import augment
 from nasrisk.trials.models.nats.network import TinyNetwork
 from nasrisk.trials.models.wrapper import Normalized
-from nasrisk.trials.train import TrainConfig, train
+from nasrisk.trials.train import TrainConfig, evaluate, train
 
 ARCH = "|nor_conv_3x3~0|+|nor_conv_3x3~0|avg_pool_3x3~1|+|skip_connect~0|nor_conv_3x3~1|skip_connect~2|"
 SMOKE = TrainConfig(epochs=3, batch_size=64, lr=0.1, nesterov=True, weight_decay=5e-4,
                     grad_clip=None)
+# The outcome tests' recipe: the smoke budget (3 epochs of 1,500 digits) without crop+flip
+# (a mirrored digit is another digit) at batch 32, lr 0.05. With SMOKE itself the final
+# accuracy ranged 0.506-0.808 over seeds 0-4 x default/avx2/avx512 kernels here and was 0.496
+# on an AVX2-only EPYC (issue 13): eval-mode batch norm lags the weights in so short a run.
+LEARN = SMOKE.model_copy(update={"batch_size": 32, "lr": 0.05, "augment": "none"})
 
 
 @pytest.fixture(scope="module")
@@ -25,10 +30,13 @@ def net(data, seed=0):
     return Normalized(TinyNetwork(ARCH, C=8, N=1, num_classes=10), data.info.mean, data.info.std)
 
 
+@pytest.mark.outcome
 def test_nats_arch_beats_chance_in_the_smoke_budget(data):
     m = net(data)
-    res = train(m, data, SMOKE, seed=0, ctx=TrialContext(device="cpu"))
-    assert res["test_acc"] > 0.5            # chance is 0.1
+    res = train(m, data, LEARN, seed=0, ctx=TrialContext(device="cpu"))
+    # chance is 0.1. Measured over seeds 0-7 (init and training): default kernels 0.728-0.952,
+    # avx2 0.894-0.950, avx512 0.898-0.948; seed 0 (this test) 0.904 / 0.936 / 0.938.
+    assert res["test_acc"] > 0.5
     assert res["history"][-1]["train_loss"] < res["history"][0]["train_loss"]
     assert len(res["history"]) == 3
 
@@ -72,13 +80,18 @@ def test_finished_state_returns_without_training(data, tmp_path):
                                                   again.state_dict().values(), strict=True))
 
 
+@pytest.mark.outcome
 def test_poisoned_labels_are_used(data):
-    """Training on labels shifted by one class learns the shift: test accuracy collapses."""
-    cfg = SMOKE.model_copy(update={"epochs": 2})
+    """Training on labels shifted by one class learns the shift: test accuracy collapses and
+    the shifted test labels are predicted."""
+    cfg = LEARN.model_copy(update={"epochs": 2})
     m = net(data)
     res = train(m, data, cfg, seed=0, ctx=TrialContext(device="cpu"),
                 labels=(data.y_train + 1) % 10)
+    # Measured over seeds 0-5 x default/avx2/avx512 kernels: accuracy 0.002-0.036, accuracy on
+    # the shifted labels 0.554-0.872 (chance 0.1 for both).
     assert res["test_acc"] < 0.2
+    assert evaluate(m, data.x_test, (data.y_test + 1) % 10, device="cpu") > 0.3
 
 
 def test_augmentation_shapes_and_range():
