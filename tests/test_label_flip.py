@@ -97,4 +97,6 @@ def test_cad_grows_with_fraction_fast():
 @pytest.mark.outcome
 def test_cad_grows_with_fraction():
     cad = _cad_curve((0.0, 0.4, 0.8), n_train=1500, epochs=3)
+    # Measured over seeds 0-4 x default/avx512 kernels: CAD at p=0.4 0.078-0.277, at p=0.8
+    # 0.625-0.790 (at least 0.51 above p=0.4's); seed 0 (this test) 0.27 / 0.79.
     assert cad[0] == 0.0 and cad[2] > cad[1] > 0.0, cad
