@@ -84,13 +84,12 @@ def plan(study: Study, profile: Profile = None,
     stage in the tracking store (run the smoke profile once to get one)."""
     from .estimate import describe_plan
     from .plan import RunOptions, build_plan
-    from .probes import check_tracking_uri
 
     opts = RunOptions(profile=profile, dataset=dataset, num_archs=num_archs, all_archs=all_archs)
     p = build_plan(_load(study), opts)
     uri = _tracking_uri(tracking_uri, workdir)
     if tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or _store_exists(uri):
-        check_tracking_uri(uri, writable=False)
+        _check_uri(uri, tracking_uri, writable=False)
     typer.echo(describe_plan(p, workdir=workdir, tracking_uri=uri))
 
 
@@ -208,6 +207,18 @@ def _tracking_uri(tracking_uri: str | None, workdir) -> str:
             or sqlite_uri(WD.at(workdir).root / "mlflow.db"))
 
 
+def _check_uri(uri: str, given: str | None, **kw) -> None:
+    """probes.check_tracking_uri, naming $MLFLOW_TRACKING_URI when the URI came from it."""
+    from .probes import check_tracking_uri
+
+    try:
+        check_tracking_uri(uri, **kw)
+    except UserError as e:
+        if given is None and os.environ.get("MLFLOW_TRACKING_URI") == uri:
+            raise UserError(f"$MLFLOW_TRACKING_URI: {e}") from None
+        raise
+
+
 def _store_exists(uri: str) -> bool:
     from .probes import sqlite_path
 
@@ -218,14 +229,14 @@ def _store_exists(uri: str) -> bool:
 def _preflight(p, workdir, tracking_uri, address, data_root, download) -> str:
     """Everything `run` and `resume` need from outside, checked before MLflow or Ray start;
     returns the tracking URI."""
-    from .probes import check_local_resources, check_ray_address, check_tracking_uri
+    from .probes import check_local_resources, check_ray_address
     from .workdir import Workdir as WD
 
     check_ray_address(address)
     check_local_resources(p.stages, address)
     WD.at(workdir).prepare()
     uri = _tracking_uri(tracking_uri, workdir)
-    check_tracking_uri(uri)
+    _check_uri(uri, tracking_uri)
     _check_data(p, data_root, workdir, download)
     return uri
 
@@ -265,14 +276,13 @@ def _execute(p, *, workdir, tracking_uri, address, data_root, download, restore,
 
 
 def _report(spec, workdir, tracking_uri) -> None:
-    from .probes import check_tracking_uri
     from .workdir import Workdir as WD
 
     if not spec.report:
         raise UserError(f"study {spec.name} has no report")
     wd = WD.at(workdir)
     uri = _tracking_uri(tracking_uri, workdir)
-    check_tracking_uri(uri, must_exist=True)
+    _check_uri(uri, tracking_uri, must_exist=True)
     wd.prepare()
 
     from nasrisk.analysis.reports import REPORTS

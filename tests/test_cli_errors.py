@@ -313,6 +313,13 @@ def test_services_are_probed_with_a_short_timeout(run_cli, tmp_path, silent_port
 # -- workdirs -----------------------------------------------------------------------------
 
 @pytest.mark.timeout(60)
+def test_a_bad_tracking_uri_from_the_environment_is_named(run_cli, tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "ftp://x")
+    code, _, err = run_cli("report", "evas-kappa", "--workdir", str(tmp_path / "wd"))
+    one_line_error(code, err, "$MLFLOW_TRACKING_URI", "ftp://x")
+
+
+@pytest.mark.timeout(60)
 @pytest.mark.parametrize("where", ["file", "under-file"])
 def test_workdir_that_cannot_be_a_folder(run_cli, tmp_path, where):
     f = tmp_path / "afile"
