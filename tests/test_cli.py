@@ -126,6 +126,7 @@ def test_models_lists_the_zoo_with_parameter_counts(run_cli):
     assert sum(r[1] == "manual" for r in rows.values()) == 7
     code, out, _ = run_cli("models", "--stats")
     darts = next(ln.split() for ln in out.splitlines() if ln.startswith("darts "))
-    assert code == 0 and darts[1:4] == ["3", "3.5", "2"]
+    # depth, Table 3 width (nodes fed only by inputs), normal-cell skips, Shu et al.'s width
+    assert code == 0 and darts[1:5] == ["3", "3", "2", "3.5"]
     code, _, err = run_cli("models", "--dataset", "svhn")
     one_line_error(code, err, "unknown dataset 'svhn'")
