@@ -16,9 +16,12 @@ at the smoke widths (8, 16, 32).
 3. Agreement: kappa of ``--archs`` random NATS archs in every mode (the study's
    ``kappa_scores``, ``--n-init`` initialisations); Spearman of each mode pair with a bootstrap
    95% CI, per variant; a markdown table for the README.
+4. Control (``--retest-archs``): each mode against itself over two initialisations of the same
+   archs, the agreement a mode has with itself.
 
     nice -n 10 .venv/bin/python bench/bench_kappa.py              # 100 archs: ~1 h on 2 busy cores
     .venv/bin/python bench/bench_kappa.py --archs 10 --repeats 1  # a few minutes
+    .venv/bin/python bench/bench_kappa.py --skip-speed --archs 0 --retest-archs 40  # the control
 """
 
 from __future__ import annotations
@@ -148,6 +151,13 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--skip-speed", action="store_true")
+    ap.add_argument(
+        "--retest-archs",
+        type=int,
+        default=0,
+        help="control: Spearman of each mode with itself over two initialisations, on this "
+        "many archs (0: skip)",
+    )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     variants = tuple(v for v in args.variants.split(",") if v)
@@ -240,46 +250,79 @@ def main() -> None:
                 f"{abs(kap32 - kapg) / kapg:.1e} (f32) vs {abs(kap64 - kapg) / kapg:.1e} (f64)"
             )
 
-    print(
-        f"\n== 3. BN-mode agreement: {args.archs} random NATS archs (seed {args.seed}), "
-        f"n_init={args.n_init}, batch N={args.batch} =="
-    )
-    scores: dict[str, dict[str, list[float]]] = {md: {v: [] for v in variants} for md in MODES}
-    flagged = {md: {v: 0 for v in variants} for md in MODES}
-    t0 = time.perf_counter()
-    archs = sample_archs(args.archs, seed=args.seed)
-    for i, arch in enumerate(archs):
-        for mode in MODES:
-            s = kappa_scores(
-                builder(arch),
-                x,
-                build_generator=build_generator,
-                variants=variants,
-                n_init=args.n_init,
-                seed=args.seed + i,
-                bn_mode=mode,
-            )
-            for v in variants:
-                scores[mode][v].append(s[f"kappa_{v}"])
-                flagged[mode][v] += s[f"kappa_{v}_flagged"] > 0
-        if (i + 1) % 10 == 0:
-            print(f"  {i + 1}/{len(archs)} archs, {time.perf_counter() - t0:.0f} s", flush=True)
-    print(f"agreement took {time.perf_counter() - t0:.0f} s")
+    if args.archs > 0:
+        print(
+            f"\n== 3. BN-mode agreement: {args.archs} random NATS archs (seed {args.seed}), "
+            f"n_init={args.n_init}, batch N={args.batch} =="
+        )
+        scores: dict[str, dict[str, list[float]]] = {md: {v: [] for v in variants} for md in MODES}
+        flagged = {md: {v: 0 for v in variants} for md in MODES}
+        t0 = time.perf_counter()
+        archs = sample_archs(args.archs, seed=args.seed)
+        for i, arch in enumerate(archs):
+            for mode in MODES:
+                s = kappa_scores(
+                    builder(arch),
+                    x,
+                    build_generator=build_generator,
+                    variants=variants,
+                    n_init=args.n_init,
+                    seed=args.seed + i,
+                    bn_mode=mode,
+                )
+                for v in variants:
+                    scores[mode][v].append(s[f"kappa_{v}"])
+                    flagged[mode][v] += s[f"kappa_{v}_flagged"] > 0
+            if (i + 1) % 10 == 0:
+                print(f"  {i + 1}/{len(archs)} archs, {time.perf_counter() - t0:.0f} s", flush=True)
+        print(f"agreement took {time.perf_counter() - t0:.0f} s")
 
-    print("\n| variant | modes | Spearman rho | 95% CI (bootstrap) |")
-    print("|---|---|---|---|")
-    for v in variants:
-        for a, b in itertools.combinations(MODES, 2):
-            rho, lo, hi = spearman_ci(
-                scores[a][v], scores[b][v], resamples=args.resamples, seed=args.seed
-            )
-            print(f"| {v} | {a} vs {b} | {rho:.3f} | [{lo:.3f}, {hi:.3f}] |")
-    print("\n| variant | mode | median kappa | flagged archs |")
-    print("|---|---|---|---|")
-    for v in variants:
-        for mode in MODES:
-            med = float(np.median(scores[mode][v]))
-            print(f"| {v} | {mode} | {med:.4g} | {flagged[mode][v]}/{len(archs)} |")
+        print("\n| variant | modes | Spearman rho | 95% CI (bootstrap) |")
+        print("|---|---|---|---|")
+        for v in variants:
+            for a, b in itertools.combinations(MODES, 2):
+                rho, lo, hi = spearman_ci(
+                    scores[a][v], scores[b][v], resamples=args.resamples, seed=args.seed
+                )
+                print(f"| {v} | {a} vs {b} | {rho:.3f} | [{lo:.3f}, {hi:.3f}] |")
+        print("\n| variant | mode | median kappa | flagged archs |")
+        print("|---|---|---|---|")
+        for v in variants:
+            for mode in MODES:
+                med = float(np.median(scores[mode][v]))
+                print(f"| {v} | {mode} | {med:.4g} | {flagged[mode][v]}/{len(archs)} |")
+
+    if args.retest_archs > 0:
+        print(
+            f"\n== 4. control: each mode against itself, initialisations seed+i vs "
+            f"seed+i+10000, {args.retest_archs} archs =="
+        )
+        t0 = time.perf_counter()
+        pair: dict[str, dict[str, tuple[list[float], list[float]]]] = {
+            md: {v: ([], []) for v in variants} for md in MODES
+        }
+        for i, arch in enumerate(sample_archs(args.retest_archs, seed=args.seed)):
+            for mode in MODES:
+                for side, off in enumerate((0, 10000)):
+                    s = kappa_scores(
+                        builder(arch),
+                        x,
+                        build_generator=build_generator,
+                        variants=variants,
+                        n_init=args.n_init,
+                        seed=args.seed + i + off,
+                        bn_mode=mode,
+                    )
+                    for v in variants:
+                        pair[mode][v][side].append(s[f"kappa_{v}"])
+        print(f"control took {time.perf_counter() - t0:.0f} s")
+        print("\n| variant | mode | Spearman rho, init vs init | 95% CI (bootstrap) |")
+        print("|---|---|---|---|")
+        for v in variants:
+            for mode in MODES:
+                a, b = pair[mode][v]
+                rho, lo, hi = spearman_ci(a, b, resamples=args.resamples, seed=args.seed)
+                print(f"| {v} | {mode} | {rho:.3f} | [{lo:.3f}, {hi:.3f}] |")
     print(f"\ntotal {time.perf_counter() - t_start:.0f} s")
 
 
