@@ -77,31 +77,27 @@ def test_victim_kind_extra_params_and_name():
         kind.config_model.model_validate(darts_config(unknown=1))
 
 
-@pytest.fixture
-def one_thread():
-    """CPU reductions split differently with the thread count and a run this short is
-    sensitive to that: pin one thread so the measured margins below are the ones tested."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def test_poisoned_victim_is_less_accurate(tmp_path, one_thread):
+@pytest.mark.outcome
+def test_poisoned_victim_is_less_accurate(tmp_path):
     """Label-flip poisoning (PROTOCOLS 4): same model, data and seed, half the training labels
     flipped -> lower clean test accuracy. Without the flip the two runs would be identical."""
     kind = TRIAL_KINDS.get("victim")
-    # one thread: clean 0.43/0.46 vs poisoned 0.20/0.18 at seeds 0/1 (measured), so the margin is not luck
+    # 600 digits x 5 epochs at lr 0.05. The former 3 epochs of 384 at lr 0.1: clean 0.263-0.490,
+    # drop 0.054-0.300 over seeds 0-2 x default/avx2/avx512 (0.037 on an AVX2-only EPYC, issue
+    # 13): eval-mode batch-norm statistics lag the weights so far from convergence; five epochs
+    # end at a small learning rate. Measured over seeds 0-5 x
+    # default/avx2/avx512 kernels: clean 0.703-0.890, poisoned 0.367-0.527, drop 0.236-0.473
+    # (seed 0, this test: 0.307 / 0.330 / 0.337).
     base = {"model": "nats", "model_kwargs": {"arch": ARCH, "C": 8, "N": 1},
-            "dataset": "embedded", "max_train_examples": 384, "max_test_examples": 300,
-            "train": {"epochs": 3, "batch_size": 32, "lr": 0.1, "augment": "none",
+            "dataset": "embedded", "max_train_examples": 600, "max_test_examples": 300,
+            "train": {"epochs": 5, "batch_size": 32, "lr": 0.05, "augment": "none",
                       "amp": False, "eval_each_epoch": False},
             "measure_grad_var": False, "contours": False}
     acc = {}
     for p in (0.0, 0.5):
         ctx = LocalContext(tmp_path / f"t{p}", store_root=tmp_path / "s", device="cpu")
         acc[p] = kind({**base, "poison_fraction": p}, ctx)["acc"]
-    assert acc[0.0] > 0.2  # the clean victim learned something (chance is 0.1)
+    assert acc[0.0] > 0.5  # the clean victim learned (chance is 0.1)
     assert acc[0.0] - acc[0.5] > 0.1
     keys = {VictimSpec(**{k: v for k, v in base.items() if k in VictimSpec.model_fields},
                        poison_fraction=p).key() for p in (0.0, 0.5)}
