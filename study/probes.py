@@ -199,7 +199,11 @@ def check_sqlite_store(path: Path, uri: str, *, must_exist: bool = False,
         raise UserError(f"{shown} is read-only for this user; make it writable or pass "
                         "--tracking-uri")
     try:
-        con = sqlite3.connect(f"file:{quote(str(path))}?mode=ro", uri=True, timeout=10)
+        # a hot journal (a writer stopped mid-transaction, e.g. the folder turned read-only)
+        # is rolled back by SQLite on the first read, which a read-only connection cannot do
+        hot = writable and path.with_name(path.name + "-journal").exists()
+        mode = "rw" if hot else "ro"
+        con = sqlite3.connect(f"file:{quote(str(path))}?mode={mode}", uri=True, timeout=10)
         try:
             tables = {r[0] for r in con.execute(
                 "SELECT name FROM sqlite_master WHERE type = 'table'")}
