@@ -106,7 +106,7 @@ class StudyGuard:
             return
         for s in _SIGNALS:
             old = signal.signal(s, self._on_signal)
-            if old is not self._on_signal:
+            if old != self._on_signal:
                 self._old_handlers.setdefault(s, old)
 
     def watch_store(self) -> None:

@@ -116,6 +116,18 @@ def test_newest_good_checkpoint_skips_corrupt_ones_with_one_line(tmp_path):
     assert len(said) == 1 and "does not load" in said[0] and "starting from scratch" in said[0]
 
 
+def test_failure_line_names_only_errors_that_mlflow_holds():
+    from nasrisk.study.runner import StageOutcome, _failure_line
+
+    with_runs = StageOutcome("probe", 4, 0, 2, ["t3", "t4"],
+                             errors={"t3": "ValueError: boom", "t4": "KeyError: 'x'"})
+    line = _failure_line(with_runs)
+    assert line.startswith("2 trials failed (e.g. t3: ValueError: boom)")
+    assert "2 of their MLflow runs hold the error" in line
+    line = _failure_line(StageOutcome("probe", 4, 0, 2, ["t3", "t4"]))  # no run holds one
+    assert "no MLflow run holds their error" in line and "hold the error" not in line
+
+
 # -- a failing / stopped trial outside Ray: its run and its temporary folders ---------------------
 class _Kinds:
     def __init__(self, fn):
