@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
@@ -136,9 +138,9 @@ def run(
                       gpus_per_trial=gpus_per_trial, max_failures=max_failures,
                       resource_timeout=resource_timeout)
     p = build_plan(_load(study), opts)
-    uri = _preflight(p, workdir, tracking_uri, address, data_root, download)
-    _execute(p, workdir=workdir, tracking_uri=uri, address=address,
-             data_root=data_root, download=download, restore=False, report=report)
+    with _preflight(p, workdir, tracking_uri, address, data_root, download) as uri:
+        _execute(p, workdir=workdir, tracking_uri=uri, address=address,
+                 data_root=data_root, download=download, restore=False, report=report)
 
 
 @app.command()
@@ -146,8 +148,8 @@ def resume(study: Annotated[str, typer.Argument(help="The study name that was ru
            workdir: Workdir = None,
            address: Annotated[str | None, typer.Option(help="Ray address.")] = None,
            report: Annotated[bool, typer.Option(help="Build the report at the end.")] = True) -> None:
-    """Continue an interrupted or partly failed study: restores the Tune experiment and runs
-    only what did not finish (errored trials included, from their last checkpoint)."""
+    """Continue an interrupted or partly failed study: runs every trial MLflow does not hold as
+    done (errored and stopped ones included), each from its newest good checkpoint."""
     from .plan import RunOptions, build_plan
     from .spec import spec_from_yaml
     from .workdir import Workdir as WD
@@ -165,10 +167,11 @@ def resume(study: Annotated[str, typer.Argument(help="The study name that was ru
         raise UserError(f"{where}: options: {e}") from None
     p = build_plan(spec_from_yaml(rec["spec_yaml"], f"{where}: spec_yaml"), opts)
     address = address or rec.get("address")
-    uri = _preflight(p, workdir, rec["tracking_uri"], address, rec["data_root"],
-                     rec["download"])
-    _execute(p, workdir=workdir, tracking_uri=uri, address=address,
-             data_root=rec["data_root"], download=rec["download"], restore=True, report=report)
+    with _preflight(p, workdir, rec["tracking_uri"], address, rec["data_root"],
+                    rec["download"]) as uri:
+        _execute(p, workdir=workdir, tracking_uri=uri, address=address,
+                 data_root=rec["data_root"], download=rec["download"], restore=True,
+                 report=report)
 
 
 @app.command("report")
@@ -226,19 +229,25 @@ def _store_exists(uri: str) -> bool:
     return path is None or path.exists()
 
 
-def _preflight(p, workdir, tracking_uri, address, data_root, download) -> str:
+@contextmanager
+def _preflight(p, workdir, tracking_uri, address, data_root, download) -> Iterator[str]:
     """Everything `run` and `resume` need from outside, checked before MLflow or Ray start;
-    returns the tracking URI."""
+    yields the tracking URI with the workdir locked for this driver (one driver per workdir,
+    :mod:`nasrisk.study.lock`). The lock is taken before the store is probed, so a second driver
+    started while the first creates its MLflow schema is told who holds the workdir rather than
+    that the store looks broken."""
+    from .lock import WorkdirLock
     from .probes import check_local_resources, check_ray_address
     from .workdir import Workdir as WD
 
     check_ray_address(address)
     check_local_resources(p.stages, address)
-    WD.at(workdir).prepare()
-    uri = _tracking_uri(tracking_uri, workdir)
-    _check_uri(uri, tracking_uri)
-    _check_data(p, data_root, workdir, download)
-    return uri
+    wd = WD.at(workdir).prepare()
+    with WorkdirLock(wd.root):
+        uri = _tracking_uri(tracking_uri, workdir)
+        _check_uri(uri, tracking_uri)
+        _check_data(p, data_root, workdir, download)
+        yield uri
 
 
 def _check_data(p, data_root, workdir, download) -> None:

@@ -31,6 +31,11 @@ from nasrisk.trials.errors import UserError
 
 LOCK_FILE = "driver.lock"
 
+# Workdirs this process holds, by resolved path -> [open lock file, depth]. flock belongs to an
+# open file, so a second flock from the same process on a new descriptor would refuse its own
+# holder: the CLI takes the lock before its store probes and run_study takes it again inside.
+_HELD: dict[str, list[Any]] = {}
+
 
 class WorkdirLock:
     """``with WorkdirLock(root):`` holds the workdir or raises :class:`UserError` naming the
@@ -40,9 +45,15 @@ class WorkdirLock:
         self.root = Path(root)
         self.path = self.root / LOCK_FILE
         self.command = command or " ".join(["nasrisk", *sys.argv[1:]])[:500]
-        self._f: Any = None
+        self._key: str | None = None
 
     def acquire(self) -> WorkdirLock:
+        key = str(self.root.resolve())
+        held = _HELD.get(key)
+        if held is not None:  # this process holds it already (the CLI, then run_study)
+            held[1] += 1
+            self._key = key
+            return self
         self.root.mkdir(parents=True, exist_ok=True)
         f = open(self.path, "a+")  # noqa: SIM115 - held until release()
         try:
@@ -56,15 +67,21 @@ class WorkdirLock:
         f.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
                             "command": self.command, "started": time.time()}))
         f.flush()
-        self._f = f
+        _HELD[key] = [f, 1]
+        self._key = key
         return self
 
     def release(self) -> None:
         # the file stays: deleting it would let two processes hold 'the' lock on two inodes
-        if self._f is not None:
-            fcntl.flock(self._f.fileno(), fcntl.LOCK_UN)
-            self._f.close()
-            self._f = None
+        key, self._key = self._key, None
+        held = _HELD.get(key) if key else None
+        if held is None:
+            return
+        held[1] -= 1
+        if held[1] == 0:
+            del _HELD[key]
+            fcntl.flock(held[0].fileno(), fcntl.LOCK_UN)
+            held[0].close()
 
     def __enter__(self) -> WorkdirLock:
         return self.acquire()

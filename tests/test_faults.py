@@ -65,6 +65,38 @@ def test_second_driver_is_refused_in_one_line_while_another_holds_the_workdir(tm
         assert json.loads((wd / "driver.lock").read_text())["pid"] == os.getpid()
 
 
+def test_a_second_driver_is_told_who_holds_the_workdir_even_if_the_store_looks_broken(
+        tmp_path, run_cli):
+    # The first driver may be half-way through creating its MLflow schema: the second must be
+    # refused as "in use" by the lock, before its own store probe sees a half-written store.
+    f = study_file(tmp_path, 2, 1, 0.0)
+    wd = tmp_path / "wd"
+    wd.mkdir()
+    (wd / "mlflow.db").write_bytes(b"SQLite format 3\x00" + b"\x00" * 84)  # a torn header
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(wd)], stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        code, out, err = run_cli("run", f, "--workdir", str(wd))
+        lines = err.strip().splitlines()
+        assert code == 2 and len(lines) == 1 and "in use" in lines[0], err
+        assert f"pid {holder.pid}" in lines[0]
+    finally:
+        holder.kill()
+        holder.wait(30)
+
+
+def test_the_workdir_lock_is_reentrant_within_one_driver(tmp_path):
+    from nasrisk.study.lock import WorkdirLock
+
+    with WorkdirLock(tmp_path), WorkdirLock(tmp_path / "." ):  # the CLI, then run_study
+        pass
+    # released once the outer holder leaves: another process can take it
+    out = subprocess.run([sys.executable, "-c", HOLD.replace("time.sleep(120)", ""),
+                          str(tmp_path)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and "held" in out.stdout, out.stderr
+
+
 # -- checkpoints (no Ray) ------------------------------------------------------------------------
 def _ckpt(root: Path, key: str, index: int, epoch: int, trial_dir: str = "x_00000") -> Path:
     from nasrisk.study.trainable import write_checkpoint
