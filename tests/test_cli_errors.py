@@ -159,6 +159,8 @@ def test_study_structure(run_cli, tmp_path, change, needles):
     (EVAS, lambda d: d["stages"][0]["config"]["train"].update(lr=float("inf")), ["train.lr"]),
     (EVAS, lambda d: d["stages"][0]["config"].update(generator={"channels": [-8, 0, 32]}),
      ["generator.channels"]),
+    (EVAS, lambda d: d["stages"][0]["config"].update(generator={"target": 10}),
+     ["generator.target 10", "classes 0..9"]),
     (VICTIM, lambda d: d["stages"][0]["config"]["model_kwargs"].update(C=-8),
      ["model_kwargs", "darts"]),
     (CAL, lambda d: d["stages"][0]["config"].update(seed=2**70), ["seed"]),
@@ -166,7 +168,8 @@ def test_study_structure(run_cli, tmp_path, change, needles):
     (CAL, lambda d: d["stages"][0]["config"].update(seconds_per_epoch=float("inf")),
      ["seconds_per_epoch"]),
     (CAL, lambda d: d["stages"][0].update(resources={"cpu": float("inf")}), ["resources.cpu"]),
-], ids=["epochs-1e18", "epochs-1e15-float", "lr-inf", "generator-channels", "victim-C-negative",
+], ids=["epochs-1e18", "epochs-1e15-float", "lr-inf", "generator-channels", "generator-target",
+        "victim-C-negative",
         "seed-2**70", "profile-seed-2**70", "inf", "resources-inf"])
 def test_numbers_are_finite_and_bounded(run_cli, tmp_path, base, change, needles):
     code, _, err = run_cli("plan", study_file(tmp_path, base, change))

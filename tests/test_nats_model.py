@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from nasrisk.trials.context import TrialContext
 from nasrisk.trials.data import load_dataset
 from nasrisk.trials.errors import UserError
+from nasrisk.trials.metrics.ntk_kernel import arch_weight_names
 from nasrisk.trials.models.nats import ArchStringError, TinyNetwork, build_nats, parse_arch
 from nasrisk.trials.models.nats.network import Cell, ResidualReduction
 from nasrisk.trials.models.wrapper import Normalized
@@ -55,11 +56,13 @@ def test_parameter_count_by_hand():
     assert expected == 11054
     net = TinyNetwork(RESNET_LIKE, C=4, N=1, num_classes=10)
     assert sum(p.numel() for p in net.parameters()) == expected
-    # arch weights: everything but BN betas (stem 4, cells 2*(4+8+16), reductions 8+8+16+16, last 16)
-    assert sum(p.numel() for p in net.arch_weight_parameters()) == expected - 124
-    ids = {id(p) for p in net.arch_weight_parameters()}
-    assert id(net.classifier.bias) in ids and id(net.classifier.weight) in ids
-    assert id(net.stem[1].weight) in ids and id(net.stem[1].bias) not in ids
+    # kappa's `arch` set (PROTOCOLS 5: names containing 'weight', as the EVAS reference): all but
+    # BN betas (stem 4, cells 2*(4+8+16), reductions 8+8+16+16, last 16) and the linear bias (10)
+    names = arch_weight_names(net)
+    chosen = dict(net.named_parameters())
+    assert sum(chosen[n].numel() for n in names) == expected - 124 - 10
+    assert "classifier.weight" in names and "classifier.bias" not in names
+    assert "stem.1.weight" in names and "stem.1.bias" not in names
     assert sum(p.numel() for p in TinyNetwork(ALL_NONE, C=4, N=1, num_classes=10).parameters()) \
         == stem + red(4, 8) + red(8, 16) + head
 
@@ -132,7 +135,8 @@ def test_arch_weights_have_gradients_even_with_dead_edges():
     torch.manual_seed(0)
     for arch in (ALL_NONE, RESNET_LIKE):
         net = TinyNetwork(arch, C=4, N=1, num_classes=10)
-        params = net.arch_weight_parameters()
+        named = dict(net.named_parameters())
+        params = [named[n] for n in arch_weight_names(net)]
         grads = torch.autograd.grad(net(torch.randn(4, 3, 16, 16)).sum(), params)
         assert len(grads) == len(params)
         assert all(g.shape == p.shape for g, p in zip(grads, params, strict=True))

@@ -77,6 +77,14 @@ class EvasConfig(BaseModel):
                 data = {**data, "generator": {**gen, "params": data["params"]}}
         return data
 
+    @model_validator(mode="after")
+    def _target_is_a_class(self) -> EvasConfig:
+        # checked at plan time, not inside every trial on the cluster
+        n = dataset_info(self.dataset).num_classes
+        if self.generator.target >= n:
+            raise ValueError(f"generator.target {self.generator.target} is not a class of "
+                             f"{self.dataset} (classes 0..{n - 1})")
+        return self
 
 
 def _classifier_builder(cfg: EvasConfig):

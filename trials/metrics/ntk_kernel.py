@@ -178,8 +178,8 @@ def arch_weight_names(classifier: nn.Module, *, prefix: str = "") -> list[str]:
     """Names of the classifier's parameters whose name contains ``weight`` (PROTOCOLS 5, "The
     arch parameter set"): conv weights, BN gammas and linear weights, no biases or BN betas,
     exactly the reference's ``{n: p for n, p in model.named_parameters() if 'weight' in n}``.
-    The rule is by name, so a model's own ``arch_weight_parameters()`` (TinyNetwork's includes
-    the final linear bias) is not consulted."""
+    The one home of this rule (TinyNetwork's own list, which held the final linear bias, is
+    gone)."""
     return [prefix + n for n, _ in classifier.named_parameters() if "weight" in n]
 
 

@@ -126,25 +126,6 @@ class TinyNetwork(nn.Module):
         x = self.global_pool(self.lastact(x)).flatten(1)
         return self.classifier(x)
 
-    def arch_weight_parameters(self) -> list[nn.Parameter]:
-        """The arch's weight tensors a kappa scorer differentiates (PROTOCOLS 5, parameter set
-        ``arch``): every conv weight (stem, cells, reduction blocks and their shortcuts), every
-        BN gamma, and the linear layer's weight and bias, in module order.
-
-        Deviations: BN betas are left out, as PROTOCOLS 5 lists only conv, BN gamma and linear.
-        """
-        params: list[nn.Parameter] = []
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                params.append(m.weight)
-            elif isinstance(m, nn.BatchNorm2d) and m.affine:
-                params.append(m.weight)
-            elif isinstance(m, nn.Linear):
-                params.append(m.weight)
-                if m.bias is not None:
-                    params.append(m.bias)
-        return params
-
 
 def build_nats(*, num_classes: int, input_size: int = 32, arch: str, C: int = 16,
                N: int = 5) -> TinyNetwork:
