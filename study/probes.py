@@ -237,6 +237,11 @@ def check_tracking_uri(uri: str, *, must_exist: bool = False, writable: bool = T
             raise UserError(f"tracking URI {uri!r} names no SQLite file (sqlite:///PATH)")
         check_sqlite_store(path, uri, must_exist=must_exist, writable=writable)
     elif base == "file":
+        if os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").strip().lower() not in ("true", "1"):
+            # MLflow 3 refuses its file store with a traceback unless the user opts in
+            raise UserError(f"tracking URI {uri}: MLflow's file store is in maintenance mode "
+                            "and refused by default; use sqlite:///PATH (or set "
+                            "MLFLOW_ALLOW_FILE_STORE=true to keep the file store)")
         p = Path(unquote(urlsplit(uri).path))
         if p.exists() and not p.is_dir():
             raise UserError(f"tracking URI {uri}: {p} is not a folder")

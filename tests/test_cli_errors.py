@@ -294,17 +294,20 @@ def _closed_port() -> int:
     (["--tracking-uri", "http://127.0.0.1:{silent}"], ["did not answer", "no answer within"]),
     (["--tracking-uri", "http://"], ["names no host"]),
     (["--tracking-uri", "postgresql://u@127.0.0.1:{closed}/db"], ["postgresql server"]),
+    (["--tracking-uri", "file:///tmp/nasrisk-mlruns"], ["file store", "sqlite:///PATH"]),
     (["--address", "garbage"], ["'garbage' is not a Ray address"]),
     (["--address", "127.0.0.1:{closed}"], ["Ray head (GCS)", "did not answer"]),
     (["--address", "ray://127.0.0.1:{closed}"], ["Ray Client server"]),
     (["--address", "http://127.0.0.1:8265"], ["dashboard"]),
     (["--address", "127.0.0.1:99999"], ["not a Ray address"]),
 ], ids=["uri-garbage", "uri-ftp", "uri-refused", "uri-silent", "uri-no-host", "uri-postgres",
+        "uri-file-store",
         "addr-garbage", "addr-refused", "addr-client", "addr-dashboard", "addr-bad-port"])
 def test_services_are_probed_with_a_short_timeout(run_cli, tmp_path, silent_port, args,
                                                   needles, monkeypatch):
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
     args = [a.format(closed=_closed_port(), silent=silent_port) for a in args]
     t0 = time.perf_counter()
     code, _, err = run_cli("run", "calibrate", "--workdir", str(tmp_path / "wd"), *args)
