@@ -20,7 +20,6 @@ result (key :data:`WARNING_KEY`) and are kept on the run as tag ``nasrisk.warnin
 from __future__ import annotations
 
 import glob
-import hashlib
 import json
 import os
 import shutil
@@ -39,6 +38,7 @@ from ray import tune
 import nasrisk.trials  # noqa: F401  (registers every entry in this worker)
 from nasrisk.trials.context import TrialContext
 from nasrisk.trials.registry import TRIAL_KINDS
+from nasrisk.trials.store import sha256_file
 
 from .progress import WARNING_KEY
 from .tracking import TAG_KIND, TAG_STAGE, TAG_STUDY, TrialRun
@@ -46,14 +46,6 @@ from .tracking import TAG_KIND, TAG_STAGE, TAG_STUDY, TrialRun
 STATE_FILE = "state.pt"
 META_FILE = "meta.json"
 TAG_WARNING = "nasrisk.warning"
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def state_epoch(state: Mapping[str, Any]) -> int | None:
@@ -114,7 +106,7 @@ def write_checkpoint(d: Path, state: dict[str, Any], *, run_id: str | None, key:
     """``state.pt`` and ``meta.json`` of one checkpoint into the folder ``d``."""
     torch.save(state, d / STATE_FILE)
     meta = {"run_id": run_id, "key": key, "seq": int(state.get("__seq__", 0)),
-            "epoch": state_epoch(state), "time": time.time(), "sha256": _sha256(d / STATE_FILE)}
+            "epoch": state_epoch(state), "time": time.time(), "sha256": sha256_file(d / STATE_FILE)}
     (d / META_FILE).write_text(json.dumps(meta))
 
 
@@ -137,7 +129,7 @@ def load_checkpoint(d: Path, key: str) -> tuple[dict[str, Any], dict[str, Any]]:
     if not pt.is_file():
         raise CorruptCheckpoint(f"{STATE_FILE} is missing")
     try:
-        if meta.get("sha256") and _sha256(pt) != meta["sha256"]:
+        if meta.get("sha256") and sha256_file(pt) != meta["sha256"]:
             raise CorruptCheckpoint(f"{STATE_FILE} does not match its SHA-256")
         state = torch.load(pt, map_location="cpu", weights_only=True)
     except CorruptCheckpoint:

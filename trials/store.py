@@ -54,7 +54,8 @@ def _warn(message: str) -> None:
     warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """Hex SHA-256 of a file's bytes, read in 1 MiB blocks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -157,7 +158,7 @@ class VictimStore:
         actual = pt.stat().st_size
         if actual != size:
             return f"{pt.name} has {actual} bytes, {size} were written"
-        if _sha256(pt) != digest:
+        if sha256_file(pt) != digest:
             return f"{pt.name} does not match its SHA-256"
         return None
 
@@ -180,7 +181,7 @@ class VictimStore:
         state = {k: v.detach().cpu() for k, v in state_dict.items()}
         _write_atomic(pt, lambda tmp: torch.save({"state_dict": state, "record": record}, tmp))
         meta = {"format": FORMAT, "key": key, "size": pt.stat().st_size,
-                "sha256": _sha256(pt), "record": record}
+                "sha256": sha256_file(pt), "record": record}
         _write_atomic(meta_file, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=1)))
         return pt
 
