@@ -73,10 +73,16 @@ def first(one_thread, tmp_path_factory):
     return store, root, ctx, out
 
 
+@pytest.mark.outcome
 def test_first_trial_trains_victim_and_victim_stage_loads_it(first, monkeypatch):
     store, root, ctx, out = first
     assert out["victim_trained"] == 1.0
-    assert out["victim_acc"] > 0.2  # chance is 0.1: the victim learnt something
+    # chance is 0.1: the victim learnt something. Measured (victim seeds 0-4 x native AVX512 /
+    # ATEN_CPU_CAPABILITY=default): 0.22-0.66, seed 0 (this test) 0.54 / 0.60. The spread is
+    # BatchNorm running statistics lagging the weights after 2 short epochs; a 4-epoch lr-0.05
+    # victim gives 0.93-0.96 but then PGD `paper` fools as few as 1 of 16 inputs, which the
+    # artifact-vs-paper test below needs > 0: this setup keeps both margins.
+    assert out["victim_acc"] > 0.2
     key = VictimSpec(**VICTIM).key()
     assert (store / f"{key}.pt").exists()
     calls = count_training(monkeypatch)
@@ -150,6 +156,7 @@ def test_overlap_same_indices_across_models(first, tmp_path):
     assert not np.array_equal(masks["nats"]["correct"], masks["darts"]["correct"])
 
 
+@pytest.mark.outcome
 def test_artifact_params_change_pgd_and_nes(first, tmp_path):
     store, root, _, paper = first
     ctx = ctx_for(tmp_path / "pgd", store)
@@ -167,6 +174,8 @@ def test_artifact_params_change_pgd_and_nes(first, tmp_path):
     loose = pgd(model, x, y, eps=p.eps, step=p.step, iters=p.iters, targeted=True,
                 targets=targets, random_start=False)
     assert not (ok_art & ~loose.success).any()  # the 0.99 criterion only removes successes
+    # measured over victim seeds 0-4 x native / default kernels: artifact (7 its, p > 0.99)
+    # fooled 0 of 16, the same iterates without the 0.99 criterion 3-9, paper ASR(M) 0.125-0.56
     assert ok_art.sum() < loose.success.sum()
     assert art["asr_m"] < paper["asr_m"]
     # NES: `paper` 3 / 7 iterations of 400 queries, `artifact` 7 of 100 (+1 check each, +1
