@@ -31,6 +31,15 @@ SCORES = ("kappa_generator", "kappa_arch", "kappa_bare", "te_nas")
 TARGETS = ("asr", "acc")
 SUMMARY_RUN_NAME = "summary"
 MIN_USABLE = 3
+#: axis labels of the figure, with units
+FIGURE_LABELS = {
+    "kappa_generator": "kappa, generator set (log scale)",
+    "kappa_arch": "kappa, arch set (log scale)",
+    "kappa_bare": "kappa, bare arch (log scale)",
+    "te_nas": "TE-NAS score (log scale)",
+    "asr": "attack success rate\n(fraction of trigger inputs\nclassified as target)",
+    "acc": "clean accuracy\n(fraction of clean test\ninputs correct)",
+}
 
 
 @dataclass(frozen=True)
@@ -144,6 +153,7 @@ def build_evas_report(tracking_uri: str, experiment: str, out_dir: str | Path, *
     notes = [f"- {n}" for n in _notes(trials, corr, scores)]
     paths["table_md"].write_text("\n".join(header + notes + ["", to_markdown(corr)]))
     scatter_grid(frame, scores, list(TARGETS), path=paths["figure"], log_x=True,
+                 labels=FIGURE_LABELS, corr=corr,
                  title=f"{experiment}: score vs ASR / ACC (n={len(trials)})")
     run_id = _log_summary(tracking_uri, experiment, trials, corr, paths) if log_to_mlflow else None
     return EvasReport(correlations=corr, n_trials=len(trials), summary_run_id=run_id, **paths)
