@@ -24,6 +24,8 @@ from .guard import StudyInterrupted
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+    # plain help: rich markup would eat every "[default: ...]" and label flags `<bool>`
+    rich_markup_mode=None,
     help="Run security studies of neural architecture search on Ray Tune, tracked in MLflow.\n\n"
          "Typical use: `nasrisk studies`, `nasrisk plan evas-kappa`, `nasrisk run evas-kappa`, "
          "`nasrisk report evas-kappa`, `mlflow ui ...` (printed at the end of a run).",
@@ -55,26 +57,33 @@ def studies(show: Annotated[str | None, typer.Option(
         "--show", help="Print this built-in study as YAML: a valid study file to copy and "
                        "edit, then run with `nasrisk run my-study.yaml`.")] = None) -> None:
     """List the built-in studies with their profiles and trial counts."""
-    from .plan import RunOptions, build_plan
-    from .spec import builtin_names, load_spec, spec_to_yaml
+    import shutil
+    import textwrap
+
+    from .plan import count_trials
+    from .spec import builtin_names, load_spec, spec_to_yaml, summary_line
 
     if show:
         if show not in builtin_names():
             raise UserError(f"unknown study {show!r}; built-in: {', '.join(builtin_names())}")
         typer.echo(spec_to_yaml(load_spec(show)), nl=False)
         return
+    width = min(shutil.get_terminal_size().columns, 100)
     for name in builtin_names():
         spec = load_spec(name)
-        typer.echo(f"{name}: {spec.description.strip().splitlines()[0] if spec.description else ''}")
+        typer.echo(textwrap.fill(f"{name}: {summary_line(spec.description)}", width,
+                                 subsequent_indent="    "))
         for pname, prof in spec.profiles.items():
-            plan = build_plan(spec, RunOptions(profile=pname))
-            per = ", ".join(f"{s.spec.name} {len(s.trials)}" for s in plan.stages)
+            counts = count_trials(spec, pname)  # no trial kind imported: no torch
+            per = ", ".join(f"{stage} {n}" for stage, n in counts)
             default = " (default)" if pname == spec.default_profile else ""
-            typer.echo(f"  --profile {pname}{default}: {plan.n_trials} trials ({per}); "
-                       f"{prof.description}")
+            typer.echo(textwrap.fill(
+                f"--profile {pname}{default}: {sum(n for _, n in counts)} trials ({per}); "
+                f"{prof.description}", width, initial_indent="  ", subsequent_indent="      "))
 
 
-@app.command()
+@app.command(short_help="Show the trials, resources and estimated compute of a study, "
+                        "without running anything.")
 def plan(study: Study, profile: Profile = None,
          dataset: Annotated[str | None, typer.Option(help="Dataset override.")] = None,
          num_archs: Annotated[int | None, typer.Option(help="Number of archs to sample.")] = None,
@@ -95,7 +104,8 @@ def plan(study: Study, profile: Profile = None,
     typer.echo(describe_plan(p, workdir=workdir, tracking_uri=uri))
 
 
-@app.command()
+@app.command(short_help="Run a study on Ray Tune (local or cluster), tracked in MLflow, then "
+                        "report on it.")
 def run(
     study: Study,
     profile: Profile = None,
@@ -121,7 +131,9 @@ def run(
                                                            "<workdir>/data]")] = None,
     download: Annotated[bool, typer.Option("--download", help="Download missing datasets "
                                                              "(CIFAR) instead of failing.")] = False,
-    report: Annotated[bool, typer.Option(help="Build the study's report at the end.")] = True,
+    report: Annotated[bool, typer.Option(
+        show_default=False, help="Build the study's report at the end (the default; "
+                                 "--no-report skips it).")] = True,
     resource_timeout: Annotated[float | None, typer.Option(
         help="Seconds to wait for the Ray cluster to offer one trial's CPUs/GPUs (an "
              "autoscaling cluster adds nodes) before refusing [default: 0 for a local "
@@ -143,11 +155,13 @@ def run(
                  data_root=data_root, download=download, restore=False, report=report)
 
 
-@app.command()
+@app.command(short_help="Continue an interrupted or partly failed study.")
 def resume(study: Annotated[str, typer.Argument(help="The study name that was run.")],
            workdir: Workdir = None,
            address: Annotated[str | None, typer.Option(help="Ray address.")] = None,
-           report: Annotated[bool, typer.Option(help="Build the report at the end.")] = True) -> None:
+           report: Annotated[bool, typer.Option(
+               show_default=False, help="Build the report at the end (the default; "
+                                        "--no-report skips it).")] = True) -> None:
     """Continue an interrupted or partly failed study: runs every trial MLflow does not hold as
     done (errored and stopped ones included), each from its newest good checkpoint."""
     from .plan import RunOptions, build_plan
@@ -174,7 +188,8 @@ def resume(study: Annotated[str, typer.Argument(help="The study name that was ru
                  report=report)
 
 
-@app.command("report")
+@app.command("report", short_help="Build the study's analysis (tables, CSV, figures) from "
+                                  "MLflow alone.")
 def report_cmd(study: Study, workdir: Workdir = None, tracking_uri: Tracking = None) -> None:
     """Build the study's analysis from MLflow alone: tables, CSV, figures (also logged to the
     study's summary run)."""

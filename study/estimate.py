@@ -11,7 +11,6 @@ import statistics
 from pathlib import Path
 
 from .plan import StudyPlan
-from .progress import fmt_duration
 from .workdir import Workdir
 
 
@@ -47,6 +46,8 @@ def describe_plan(plan: StudyPlan, *, workdir: str | Path | None = None,
             lines.append(f"    e.g. {t.name}  [key {t.key}]")
         secs = measured_seconds(uri, plan.spec.name, st.spec.name, plan.profile) if have_store else []
         if secs:
+            from .progress import fmt_duration  # imports Ray: only once there is a measurement
+
             mean = statistics.fmean(secs)
             conc = max(1, math.floor(cpus / r.cpu))
             wall = math.ceil(len(st.trials) / conc) * mean

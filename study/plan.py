@@ -310,3 +310,21 @@ def check_profiles(spec: StudySpec) -> None:
 
 def copy_dict(d: dict[str, Any]) -> dict[str, Any]:
     return json.loads(json.dumps(d))
+
+
+def count_trials(spec: StudySpec, profile: str) -> list[tuple[str, int]]:
+    """``(stage, trials)`` of ``profile`` with no command-line overrides, counted from the
+    cases, grid and archs alone, so without importing a trial kind (no torch: ``nasrisk
+    studies`` answers at once). Equals :func:`build_plan`'s counts when no two grid points
+    validate to the same trial, as in every built-in study (tests/test_study_plan.py)."""
+    prof = spec.profiles[profile]
+    out = []
+    for st in spec.stages:
+        over = prof.stages.get(st.name)
+        grid = {**st.grid, **(over.grid if over else {})}
+        cases = (over.cases if over is not None and over.cases is not None else st.cases) or [{}]
+        n = len(cases) * math.prod(len(v) for v in grid.values())
+        if st.archs is not None:
+            n *= _n_archs(st, RunOptions(profile=profile), prof.num_archs)
+        out.append((st.name, n))
+    return out

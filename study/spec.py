@@ -17,6 +17,7 @@ laughs" file would otherwise become gigabytes once a plan copies it) nor nest de
 from __future__ import annotations
 
 import copy
+import re
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -296,8 +297,31 @@ def validate_spec(raw: Any, where: str) -> StudySpec:
     return spec
 
 
+class _Dumper(yaml.SafeDumper):
+    """Multi-line strings (a study's description) as ``|`` blocks, not quoted with blank
+    lines between their lines."""
+
+
+def _str(dumper: yaml.SafeDumper, value: str) -> yaml.ScalarNode:
+    style = "|" if "\n" in value.strip("\n") else None
+    return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
+
+
+_Dumper.add_representer(str, _str)
+
+
 def spec_to_yaml(spec: StudySpec) -> str:
-    return yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False)
+    """The spec as a study file (``spec_from_yaml`` reads it back to an equal spec); long
+    strings stay on one line."""
+    return yaml.dump(spec.model_dump(mode="json"), Dumper=_Dumper, sort_keys=False,
+                     width=10_000, allow_unicode=True)
+
+
+def summary_line(description: str | None) -> str:
+    """The first sentence of a description, its line breaks joined (``nasrisk studies``)."""
+    text = " ".join((description or "").split())
+    m = re.search(r"(?<=[.!?])\s+(?=[A-Z])", text)
+    return text[:m.start()] if m else text
 
 
 def spec_from_yaml(text: str, where: str = "saved study") -> StudySpec:

@@ -31,6 +31,45 @@ def test_help(run_cli, cmd):
     assert code == 0 and "Usage" in out and len(out.splitlines()) > 5
 
 
+@pytest.mark.parametrize("cmd", [[], ["studies"], ["plan"], ["run"], ["resume"], ["report"],
+                                 ["models"]])
+def test_help_text_reads_as_written(run_cli, cmd, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "80")
+    code, out, _ = run_cli(*cmd, "--help")
+    assert code == 0
+    assert "<bool>" not in out and "[default: report]" not in out
+    if "--workdir" in out:  # the "[default: ...]" notes are printed, not eaten as markup
+        assert "./nasrisk-runs" in out
+    if not cmd:  # each command's one-line summary is whole: no "...", ends a sentence
+        section = out.split("Commands:", 1)[1]
+        entries, cur = [], ""
+        for ln in section.splitlines():
+            if ln.startswith("  ") and not ln.startswith("   "):
+                entries.append(cur)
+                cur = ln
+            else:
+                cur += " " + ln.strip()
+        entries = [e.strip() for e in [*entries, cur] if e.strip()]
+        assert len(entries) == 6, section
+        for e in entries:
+            assert e.endswith(".") and "..." not in e, e
+
+
+def test_studies_output_reads_as_written(run_cli, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "100")
+    code, out, _ = run_cli("studies")
+    assert code == 0
+    # each study's summary is its first sentence, whole (lines until the first --profile)
+    text = " ".join(ln.strip() for ln in out.split("evas-kappa:", 1)[1].split("--profile")[0]
+                    .splitlines())
+    assert text.strip().endswith("on the trained arch."), text
+    assert all(len(ln) <= 100 for ln in out.splitlines())
+    code, out, _ = run_cli("studies", "--show", "evas-kappa")
+    assert code == 0 and "" not in out.splitlines(), out  # no stray blank lines
+    assert "description: |" in out
+    assert yaml.safe_load(out)["description"].startswith("EVAS (Pang et al., ICLR 2023)")
+
+
 def one_line_error(code, err, needle):
     assert code == 2, err
     lines = [ln for ln in err.splitlines() if ln.strip()]

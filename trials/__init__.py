@@ -1,7 +1,14 @@
 """Plain PyTorch: data, models, training, attacks, metrics, trial kinds. Never imports Ray or
-MLflow (``nasrisk.study`` wraps trials). Importing this package registers every entry."""
+MLflow (``nasrisk.study`` wraps trials). Importing this package is cheap (no torch): each
+registry imports the subpackages that fill it on its first lookup
+(:class:`~nasrisk.trials.registry.Registry`); :func:`load_all` imports every one now."""
 
-from . import attacks, backdoor, data, kinds, metrics, models, poison  # noqa: F401  (register)
 from .registry import ATTACKS, DATASETS, METRICS, MODELS, TRIAL_KINDS, Registry
 
-__all__ = ["ATTACKS", "DATASETS", "METRICS", "MODELS", "TRIAL_KINDS", "Registry"]
+__all__ = ["ATTACKS", "DATASETS", "METRICS", "MODELS", "TRIAL_KINDS", "Registry", "load_all"]
+
+
+def load_all() -> None:
+    """Register every entry of every registry now (a Ray worker does, before unpickling)."""
+    for reg in (MODELS, DATASETS, ATTACKS, METRICS, TRIAL_KINDS):
+        reg.names()

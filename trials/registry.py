@@ -3,8 +3,10 @@
 Every pluggable thing (model, dataset, attack, metric, trial kind) is an entry in exactly one
 registry; studies name entries, never code paths. Entries register when their module is
 imported: each subpackage's ``__init__`` imports its modules (as timm's ``models/__init__``
-does), and ``import nasrisk.trials`` imports all subpackages, so every Ray worker that unpickles
-a trial sees the same names.
+does). Each registry names the subpackages that fill it and imports them on its first lookup
+(``get``, ``names``, ``in``, ...), so every process (a Ray worker that unpickles a trial
+included) sees the same names, while a command that never looks an entry up (``nasrisk
+--help``, ``nasrisk studies --show``) never imports torch.
 
 What an entry takes and returns, per registry:
 
@@ -22,6 +24,7 @@ What an entry takes and returns, per registry:
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable, Iterator
 from typing import Annotated, Any, Generic, TypeVar
 
@@ -41,12 +44,25 @@ class UnknownEntryError(UserError, KeyError):
 
 class Registry(Generic[T]):
     """A name -> object table. Registering a name twice raises; an unknown name raises
-    :class:`UnknownEntryError` listing the valid names."""
+    :class:`UnknownEntryError` listing the valid names.
 
-    def __init__(self, kind: str) -> None:
+    ``modules`` are the modules whose import registers the entries; they are imported on the
+    first lookup (not at ``import nasrisk.trials``), so that importing the package stays cheap.
+    """
+
+    def __init__(self, kind: str, modules: tuple[str, ...] = ()) -> None:
         self.kind = kind
+        self.modules = tuple(modules)
+        self._loaded = not self.modules
         self._entries: dict[str, T] = {}
         self._meta: dict[str, dict[str, Any]] = {}
+
+    def _load(self) -> None:
+        if self._loaded:
+            return
+        for m in self.modules:
+            importlib.import_module(m)  # registers its entries (a failure propagates, and retries)
+        self._loaded = True
 
     def register(self, name: str, obj: T | None = None, **meta: Any) -> Callable[[T], T] | T:
         """``@REG.register("name", key=value)`` or ``REG.register("name", obj)``.
@@ -66,6 +82,7 @@ class Registry(Generic[T]):
         return add
 
     def get(self, name: str) -> T:
+        self._load()
         try:
             return self._entries[name]
         except KeyError:
@@ -74,6 +91,7 @@ class Registry(Generic[T]):
 
     def validate_name(self, name: str) -> str:
         """``name`` if registered, else ValueError listing the valid names (for pydantic)."""
+        self._load()
         if name not in self._entries:
             raise ValueError(f"unknown {self.kind} {name!r}; valid: {', '.join(self.names())}")
         return name
@@ -83,23 +101,27 @@ class Registry(Generic[T]):
         return dict(self._meta[name])
 
     def names(self) -> list[str]:
+        self._load()
         return sorted(self._entries)
 
     def __contains__(self, name: object) -> bool:
+        self._load()
         return name in self._entries
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.names())
 
     def __len__(self) -> int:
+        self._load()
         return len(self._entries)
 
 
-MODELS: Registry[Callable[..., Any]] = Registry("model")
-DATASETS: Registry[Callable[..., Any]] = Registry("dataset")
-ATTACKS: Registry[Callable[..., Any]] = Registry("attack")
-METRICS: Registry[Callable[..., Any]] = Registry("metric")
-TRIAL_KINDS: Registry[Callable[..., Any]] = Registry("trial kind")
+MODELS: Registry[Callable[..., Any]] = Registry("model", ("nasrisk.trials.models",))
+DATASETS: Registry[Callable[..., Any]] = Registry("dataset", ("nasrisk.trials.data",))
+ATTACKS: Registry[Callable[..., Any]] = Registry(
+    "attack", ("nasrisk.trials.attacks", "nasrisk.trials.poison"))
+METRICS: Registry[Callable[..., Any]] = Registry("metric", ("nasrisk.trials.metrics",))
+TRIAL_KINDS: Registry[Callable[..., Any]] = Registry("trial kind", ("nasrisk.trials.kinds",))
 
 
 #: config field types that accept only registered names (validated before Ray starts)
