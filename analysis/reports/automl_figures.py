@@ -2,7 +2,8 @@
 have, in the shapes of Pang et al., "On the Security Risks of AutoML" (USENIX Security 2022):
 CAD vs poisoning budget per model and family (its label-flip figure), the PGD-overlap
 histogram (inputs fooled by k NAS vs k manual models) and a grid of loss contours (its
-Fig. 10). matplotlib object API only (no pyplot), like the shared module.
+Fig. 10). matplotlib object API only (no pyplot), in the shared module's figure style
+(:data:`nasrisk.analysis.figures.STYLE`, applied by :func:`~nasrisk.analysis.figures.styled`).
 """
 
 from __future__ import annotations
@@ -14,8 +15,10 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from nasrisk.analysis.figures import save_figure
+from nasrisk.analysis.figures import save_figure, set_log_ticks, styled
 
+#: strip panels whose positive values span this factor get a log y axis
+LOG_SPAN = 100.0
 FAMILY_COLORS = {"nas": "tab:red", "manual": "tab:blue", "variant": "tab:green"}
 
 
@@ -24,6 +27,7 @@ def _grid_kw(cols: int, height: float, title: str | None) -> dict:
             "bottom": 0.45 / height, "top": 1 - (0.75 if title else 0.4) / height}
 
 
+@styled
 def cad_curves(cad: pd.DataFrame, *, path: str | Path, title: str | None = None) -> Path:
     """CAD vs poison fraction: a thin line per model (mean over seeds), coloured by family,
     and a thick line per family (mean over its models). ``cad`` has columns ``model``,
@@ -41,16 +45,16 @@ def cad_curves(cad: pd.DataFrame, *, path: str | Path, title: str | None = None)
         n = sub["model"].nunique()
         ax.plot(100 * mean.index, 100 * mean.to_numpy(), color=FAMILY_COLORS.get(family, "gray"),
                 linewidth=2.2, marker="o", markersize=3, label=f"{family} mean (n={n})")
-    ax.set_xlabel("poisoning fraction (%)", fontsize=8)
-    ax.set_ylabel("CAD (accuracy drop, %)", fontsize=8)
-    ax.tick_params(labelsize=7)
+    ax.set_xlabel("poisoning fraction (%)")
+    ax.set_ylabel("CAD (accuracy drop, %)")
     if not per_model.empty:
-        ax.legend(fontsize=7, frameon=False)
+        ax.legend()
     if title:
-        ax.set_title(title, fontsize=9)
+        ax.set_title(title)
     return save_figure(fig, path)
 
 
+@styled
 def overlap_histogram_figure(hist: pd.DataFrame, *, path: str | Path,
                              title: str | None = None) -> Path:
     """Paired bars: number of inputs fooled by exactly k NAS models and by exactly k manual
@@ -63,15 +67,15 @@ def overlap_histogram_figure(hist: pd.DataFrame, *, path: str | Path,
     ax.bar(k + 0.2, hist["inputs_manual"], width=0.4, color=FAMILY_COLORS["manual"],
            label="manual")
     ax.set_xticks(k)
-    ax.set_xlabel("number of models fooled by the input", fontsize=8)
-    ax.set_ylabel("number of inputs", fontsize=8)
-    ax.tick_params(labelsize=7)
-    ax.legend(fontsize=7, frameon=False)
+    ax.set_xlabel("number of models fooled by the input")
+    ax.set_ylabel("number of inputs")
+    ax.legend()
     if title:
-        ax.set_title(title, fontsize=9)
+        ax.set_title(title)
     return save_figure(fig, path)
 
 
+@styled
 def contour_grid(grids: Mapping[str, Mapping[str, np.ndarray]], *, path: str | Path,
                  title: str | None = None, ncols: int = 5) -> Path:
     """One filled contour panel per named loss grid (``alphas``, ``betas``, ``losses`` with
@@ -91,15 +95,18 @@ def contour_grid(grids: Mapping[str, Mapping[str, np.ndarray]], *, path: str | P
         ax.contourf(np.asarray(g["alphas"]), np.asarray(g["betas"]), losses.T, levels=15,
                     cmap="viridis")
         lo, hi = np.nanmin(losses), np.nanmax(losses)
-        ax.set_title(f"{name}\nloss {lo:.3g}..{hi:.3g}", fontsize=7)
+        ax.set_title(f"{name}\nloss {lo:.3g}..{hi:.3g}")
+        ax.set_xlabel("α (direction 1)", labelpad=1)
+        ax.set_ylabel("β (direction 2)", labelpad=1)
         ax.tick_params(labelsize=6)
     for ax in axes[len(grids):]:
         ax.set_axis_off()
     if title:
-        fig.suptitle(title, fontsize=9)
+        fig.suptitle(title)
     return save_figure(fig, path)
 
 
+@styled
 def strip_grid(df: pd.DataFrame, metrics: list[str], *, path: str | Path,
                family_col: str = "family", groups: list[str] | None = None,
                title: str | None = None, ncols: int = 5, seed: int = 0) -> Path:
@@ -107,7 +114,9 @@ def strip_grid(df: pd.DataFrame, metrics: list[str], *, path: str | Path,
     mean as a black bar (the per-metric strips of :func:`nasrisk.analysis.figures.
     strip_by_family`, gathered into one figure: a study has ~20 metrics per setting and one
     file per metric cost a second of rendering each). Non-finite values are left out and
-    counted in the tick labels."""
+    counted in the tick labels. A metric whose values are all positive and span at least
+    :data:`LOG_SPAN` (a factor of 100, e.g. gradient variance) gets a log axis, said in its
+    panel title."""
     fam = df[family_col].astype(str).to_numpy()
     groups = list(groups) if groups is not None else sorted(set(fam))
     n = max(len(metrics), 1)
@@ -128,12 +137,18 @@ def strip_grid(df: pd.DataFrame, metrics: list[str], *, path: str | Path,
             if v.size:
                 ax.hlines(v.mean(), k - 0.25, k + 0.25, color="black", linewidth=1.5)
             labels.append(f"{g}\n({v.size})")
-        ax.set_xticks(range(len(groups)), labels, fontsize=6)
+        ax.set_xticks(range(len(groups)), labels)
         ax.set_xlim(-0.5, len(groups) - 0.5)
-        ax.set_title(metric, fontsize=8)
+        pos = y[np.isfinite(y)]
+        if pos.size and pos.min() > 0 and pos.max() / pos.min() >= LOG_SPAN:
+            ax.set_yscale("log")
+            set_log_ticks(ax.yaxis, float(pos.min()), float(pos.max()))
+            ax.set_title(f"{metric} (log scale)")
+        else:
+            ax.set_title(metric)
         ax.tick_params(axis="y", labelsize=6)
     for ax in axes[len(metrics):]:
         ax.set_axis_off()
     if title:
-        fig.suptitle(title, fontsize=9)
+        fig.suptitle(title)
     return save_figure(fig, path)
