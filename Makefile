@@ -2,12 +2,14 @@
 #   make demo   installs everything, runs the EVAS kappa study (smoke profile, embedded data) and its report
 #   make test   installs everything and runs the test suite (what CI runs), then reruns the
 #               outcome-marked tests on PyTorch's portable CPU kernels
+#   make ui     the MLflow UI on http://127.0.0.1:5000 for the default workdir's runs
+#               (WORKDIR=path for another; PORT=5001 for another port)
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test test-slow bench lint clean
+.PHONY: install demo test test-slow bench lint clean ui
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -36,6 +38,12 @@ bench: $(STAMP)
 	$(BIN)/python bench/bench_runner.py
 	$(BIN)/python bench/bench_kappa.py
 	$(BIN)/python bench/bench_attacks.py
+
+WORKDIR ?= $(or $(NASRISK_WORKDIR),nasrisk-runs)
+PORT    ?= 5000
+ui: $(STAMP)
+	@test -f '$(abspath $(WORKDIR))/mlflow.db' || { echo "no MLflow store at $(abspath $(WORKDIR))/mlflow.db: run \`make demo\` first (or WORKDIR=...)"; exit 2; }
+	$(BIN)/mlflow ui --backend-store-uri 'sqlite:///$(abspath $(WORKDIR))/mlflow.db' --host 127.0.0.1 --port $(PORT)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

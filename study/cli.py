@@ -44,11 +44,28 @@ Profile = Annotated[str | None, typer.Option(
                       "`paper` (the published protocol). [default: the study's default]")]
 
 
+def shell_command(name: str) -> str:
+    """``name`` (``mlflow``, ``nasrisk``) as a printed command that works in a fresh shell:
+    the absolute path of this interpreter's copy when the shell's PATH would find another one
+    or none (a venv that is not activated), else the bare name."""
+    import shlex
+    import shutil
+
+    mine = Path(sys.executable).parent / name  # not resolved: a venv's python is a symlink
+    if not mine.is_file():
+        return name
+    found = shutil.which(name)
+    if found and Path(found).resolve() == mine.resolve():
+        return name
+    return shlex.quote(str(mine.absolute()))
+
+
 def _mlflow_ui_hint(uri: str) -> str:
     if uri.startswith("sqlite:"):
         import shlex  # a workdir may hold spaces, `?`, `#` ...
 
-        return f"mlflow ui --backend-store-uri {shlex.quote(uri)} --host 127.0.0.1 --port 5000"
+        return (f"{shell_command('mlflow')} ui --backend-store-uri {shlex.quote(uri)} "
+                "--host 127.0.0.1 --port 5000")
     return f"open {uri} in a browser"
 
 
@@ -294,7 +311,8 @@ def _execute(p, *, workdir, tracking_uri, address, data_root, download, restore,
     typer.echo(f"MLflow store: {out.tracking_uri}")
     typer.echo(f"inspect it:   {_mlflow_ui_hint(out.tracking_uri)}")
     if out.failed:
-        typer.echo(f"{out.failed} trials failed; `nasrisk resume {p.spec.name}` retries them",
+        typer.echo(f"{out.failed} trials failed; `{shell_command('nasrisk')} resume "
+                   f"{p.spec.name}` retries them",
                    err=True)
         raise typer.Exit(1)
 

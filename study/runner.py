@@ -219,7 +219,9 @@ def run_study(plan: StudyPlan, *, workdir: str | Path | None = None,
     with WorkdirLock(wd.root):
         uri = (tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
                or default_tracking_uri(wd.root))
-        hint = f"nasrisk resume {plan.spec.name} --workdir {wd.root}"
+        from .cli import shell_command  # a command that works as printed
+
+        hint = f"{shell_command('nasrisk')} resume {plan.spec.name} --workdir {wd.root}"
         with StudyGuard(resume_hint=hint, db=sqlite_path(uri),
                         writable=[wd.root, wd.tune]) as guard:
             return _run_study(plan, wd, uri, address, data_root, download, restore, guard)

@@ -34,6 +34,11 @@ TAG_STUDY = "nasrisk.study"
 TAG_STAGE = "nasrisk.stage"
 TAG_KIND = "nasrisk.kind"
 TAG_ERROR = "nasrisk.error"
+# MLflow 3's UI opens an experiment on its runs table only when this experiment tag says the
+# work is model training (values from mlflow/server/js: genai_development,
+# custom_model_development, ...); untagged experiments open on the GenAI overview.
+TAG_EXPERIMENT_KIND = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
 
 
 def default_tracking_uri(workdir: Path) -> str:
@@ -47,7 +52,9 @@ def client(uri: str) -> mlflow.MlflowClient:
 
 
 def ensure_experiment(uri: str, name: str, artifact_root: Path | None) -> str:
-    """Create (or find) the study's experiment from the driver; returns its id."""
+    """Create (or find) the study's experiment from the driver; returns its id. The experiment
+    is tagged as model training (``mlflow.experimentKind``) so the UI opens on its runs; an
+    existing experiment the user tagged otherwise keeps its tag."""
     c = client(uri)
     try:
         exp = c.get_experiment_by_name(name)
@@ -56,11 +63,14 @@ def ensure_experiment(uri: str, name: str, artifact_root: Path | None) -> str:
     except Exception as e:  # connection refused and the like, from the REST client
         raise UserError(f"cannot reach the MLflow tracking store {uri}: {e}") from None
     if exp is not None:
+        if TAG_EXPERIMENT_KIND not in exp.tags:  # created by an older nasrisk
+            c.set_experiment_tag(exp.experiment_id, TAG_EXPERIMENT_KIND, EXPERIMENT_KIND)
         return exp.experiment_id
     loc = None
     if artifact_root is not None and not uri.startswith(("http://", "https://")):
         loc = (Path(artifact_root).resolve() / name).as_uri()
-    return c.create_experiment(name, artifact_location=loc)
+    return c.create_experiment(name, artifact_location=loc,
+                               tags={TAG_EXPERIMENT_KIND: EXPERIMENT_KIND})
 
 
 def done_runs(uri: str, experiment_id: str, stage: str | None = None) -> dict[str, Any]:

@@ -116,7 +116,7 @@ def test_report_files_table_and_single_summary_run(store, tmp_path):
     assert summaries[0].info.run_name == "summary"
     logged = {a.path for a in client.list_artifacts(second.summary_run_id, "report")}
     assert logged == {f"report/{p.name}" for p in (second.table_md, second.csv, second.figure,
-                                                    second.trials_csv)}
+                                                    second.trials_csv)} | {"report/trial_keys.json"}
     assert summaries[0].data.metrics["n_trials"] == N_DONE
     # trial loading ignores the summary run
     trials = load_runs(store["uri"], EXPERIMENT, stage="corr")

@@ -129,7 +129,7 @@ def test_every_attack_runs_through_the_kind(first, attack, keys, tmp_path, monke
         if attack == "nes":  # 1 clean query + whole iterations (estimate + success check)
             assert ((z["queries_m"] - 1) % 21 == 0).all()
     cfg_model = run_attack.config_model.model_validate(cfg)
-    assert run_attack.trial_name(cfg_model) == f"{attack} nats embedded"
+    assert run_attack.trial_name(cfg_model) == f"{attack} nats@embedded"
     assert run_attack.extra_params(cfg_model)["family"] == "nats"
 
 

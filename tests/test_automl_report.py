@@ -249,6 +249,15 @@ def test_report_is_logged_to_the_summary_run(store):
     assert [r.info.run_id for r in runs] == [rep.summary_run_id]
     logged = {a.path for a in client.list_artifacts(rep.summary_run_id, "report")}
     assert {"report/report.md", "report/accuracy.csv", "report/strips_cifar10_paper.png"} <= logged
+    # what it summarises: the victim and attack runs it read, by trial key (issue 12)
+    tags = client.get_run(rep.summary_run_id).data.tags
+    keys = tags["nasrisk.trial_keys"].split(",")
+    done = {r.data.tags["nasrisk.trial_key"] for r in client.search_runs(
+        [store["exp_id"]], max_results=1000,
+        filter_string="tags.\"nasrisk.role\" = 'trial' and tags.\"nasrisk.status\" = 'done'")}
+    assert keys == sorted(done)
+    assert {"nasrisk.version", "nasrisk.git_commit", "nasrisk.profile"} <= set(tags)
+    assert "report/trial_keys.json" in logged
     metrics = client.get_run(rep.summary_run_id).data.metrics
     assert metrics["nas_minus_manual.asr_m.cifar10/paper"] == pytest.approx(
         rep.comparisons.query("metric == 'asr_m' and setting == 'cifar10/paper'")["diff"].iloc[0])

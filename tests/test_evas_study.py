@@ -38,6 +38,9 @@ def test_one_trial_without_ray(tmp_path):
         assert m[k] >= 1 or math.isinf(m[k])      # a condition number
     assert 0 <= m["asr"] <= 1 and 0 <= m["acc"] <= 1
     assert (ctx.artifact_dir / "triggers.png").stat().st_size > 1000
+    curves = {k for metrics, step in ctx.metrics_log if step is not None for k in metrics}
+    assert {"train_loss", "test_acc"} <= curves  # the clean training's per-epoch curves
+    assert not any(k.startswith("train_train") for k in curves)  # no doubled prefix
     again = run({**TINY, "arch": ARCHS[0]}, LocalContext(tmp_path / "t"))  # resumes: all done
     assert {k: again[k] for k in METRICS - {"time_kappa_s"}} == {k: m[k] for k in METRICS - {"time_kappa_s"}}
 
@@ -71,7 +74,10 @@ def test_tiny_evas_study_runs_tracks_and_reports(tmp_path):
     trials = [r for r in runs if r.data.tags["nasrisk.role"] == "trial"]
     summaries = [r for r in runs if r.data.tags["nasrisk.role"] == "summary"]
     assert len(trials) == 3 and len(summaries) == 1
-    assert sorted(r.info.run_name for r in trials) == sorted(f"{a} embedded" for a in ARCHS)
+    # the plan's index first: a0000, a0001, ... in the plan's order of the archs
+    names = sorted(r.info.run_name for r in trials)
+    assert [n[:6] for n in names] == [f"a{i:04d} " for i in range(len(ARCHS))]
+    assert sorted(n[6:] for n in names) == sorted(f"{a} embedded" for a in ARCHS)
     for r in trials:
         assert METRICS <= set(r.data.metrics), set(r.data.metrics)
         prm = r.data.params
@@ -79,7 +85,7 @@ def test_tiny_evas_study_runs_tracks_and_reports(tmp_path):
         assert prm["params"] == "paper" and prm["seed"] == "0" and "ops.nor_conv_3x3" in prm
         assert prm["train.epochs"] == "1"
         assert {"nasrisk.git_commit", "nasrisk.version", "nasrisk.trial_key"} <= set(r.data.tags)
-        hist = c.get_metric_history(r.info.run_id, "train_train_loss")
+        hist = c.get_metric_history(r.info.run_id, "train_loss")
         assert [h.step for h in hist] == [1]
         assert "triggers.png" in [a.path for a in c.list_artifacts(r.info.run_id)]
     rep = wd / "reports" / "evas-tiny"

@@ -278,7 +278,9 @@ def test_sigint_sigterm_and_a_deleted_store_each_stop_cleanly_and_resume_finishe
     name = "fault-study"
     f = study_file(tmp_path, 4, 5, 0.4, name=name)
     wd = tmp_path / "wd"
-    hint = f"`nasrisk resume {name} --workdir {wd}`"
+    from nasrisk.study.cli import shell_command  # the venv's path when it is not on PATH
+
+    hint = f"`{shell_command('nasrisk')} resume {name} --workdir {wd}`"
 
     # 1. SIGINT once two trials have checkpointed
     drv = _driver(["run", f], wd)

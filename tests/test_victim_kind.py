@@ -70,9 +70,9 @@ def test_victim_kind_extra_params_and_name():
     manual = kind.config_model.model_validate({"model": "resnet18", "dataset": "embedded"})
     extra = kind.extra_params(manual)
     assert extra["family"] == "manual" and "cell_depth" not in extra
-    assert kind.trial_name(manual) == "resnet18 embedded"
+    assert kind.trial_name(manual) == "resnet18@embedded"
     poisoned = kind.config_model.model_validate(darts_config(poison_fraction=0.5))
-    assert kind.trial_name(poisoned) == "darts embedded p=0.5"
+    assert kind.trial_name(poisoned) == "darts@embedded p=0.5"
     with pytest.raises(ValueError):
         kind.config_model.model_validate(darts_config(unknown=1))
 

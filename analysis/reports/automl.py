@@ -45,7 +45,7 @@ from nasrisk.analysis.reports.automl_figures import (
     overlap_histogram_figure,
     strip_grid,
 )
-from nasrisk.analysis.reports.evas import summary_run_id
+from nasrisk.analysis.reports.evas import summary_run_id, tag_summary_run
 from nasrisk.analysis.stats import correlation_table, family_comparison, to_markdown
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -323,6 +323,7 @@ def _log_summary(client: mlflow.MlflowClient, experiment: str, out: Path,
         sub = path.parent.relative_to(out)
         client.log_artifact(run_id, str(path),
                             artifact_path="report" + ("" if sub == Path(".") else f"/{sub}"))
+    tag_summary_run(client, run_id, pd.concat([v_runs, a_runs], ignore_index=True))
     now = int(pd.Timestamp.now(tz="UTC").timestamp() * 1000)
     metrics = {"n_victim_runs": float(len(v_runs)), "n_attack_runs": float(len(a_runs))}
     for row in comparisons.itertuples(index=False):

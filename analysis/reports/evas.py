@@ -80,6 +80,38 @@ def summary_run_id(client: mlflow.MlflowClient, experiment_id: str, *,
     return run.info.run_id
 
 
+#: MLflow's limit on a run tag's value (mlflow/utils/validation.py MAX_TAG_VAL_LENGTH)
+MAX_TAG_VALUE = 8000
+
+
+def tag_summary_run(client: mlflow.MlflowClient, run_id: str, trials: pd.DataFrame) -> None:
+    """Say what the summary run summarises: the package version and git commit of this
+    report, the trials' profile(s), and their trial keys — as the tag ``nasrisk.trial_keys``
+    (comma-separated, sorted) when it fits MLflow's tag limit, and always as the artifact
+    ``report/trial_keys.json``."""
+    import json
+    import tempfile
+    from importlib.metadata import version
+
+    from nasrisk.study.tracking import git_commit
+
+    def values(col: str) -> list[str]:
+        return sorted(map(str, trials[col].dropna().unique())) if col in trials else []
+
+    keys = values("tag.nasrisk.trial_key")
+    tags = {"nasrisk.version": version("nasrisk"), "nasrisk.git_commit": git_commit(),
+            "nasrisk.profile": ",".join(values("param.profile")) or "unknown",
+            "nasrisk.trial_count": str(len(keys))}
+    joined = ",".join(keys)
+    if len(joined) <= MAX_TAG_VALUE:
+        tags["nasrisk.trial_keys"] = joined
+    client.log_batch(run_id, tags=[mlflow.entities.RunTag(k, v) for k, v in tags.items()])
+    with tempfile.TemporaryDirectory(prefix="nasrisk-summary-") as d:
+        path = Path(d) / "trial_keys.json"
+        path.write_text(json.dumps(keys, indent=1) + "\n")
+        client.log_artifact(run_id, str(path), artifact_path="report")
+
+
 def _notes(df: pd.DataFrame, corr: pd.DataFrame, scores: list[str]) -> list[str]:
     notes = []
     if corr.empty or corr["n"].max() < MIN_USABLE:
@@ -168,6 +200,7 @@ def _log_summary(tracking_uri: str, experiment: str, trials: pd.DataFrame, corr:
                             else experiment)
     for path in paths.values():
         client.log_artifact(run_id, str(path), artifact_path="report")
+    tag_summary_run(client, run_id, trials)
     metrics = {"n_trials": float(len(trials))}
     for row in corr.itertuples(index=False):
         if np.isfinite(row.r):

@@ -257,10 +257,11 @@ def extra_params(cfg: AttackConfig) -> dict[str, object]:
 
 
 def trial_name(cfg: AttackConfig) -> str:
-    return f"{cfg.attack} {cfg.victim.model} {cfg.victim.dataset}"
+    return f"{cfg.attack} {cfg.victim.model}@{cfg.victim.dataset}"  # "x0007 pgd darts@cifar10"
 
 
 run_attack.config_model = AttackConfig
 run_attack.extra_params = extra_params
 run_attack.trial_name = trial_name
+run_attack.name_prefix = "x"
 TRIAL_KINDS.register("attack", run_attack)

@@ -128,8 +128,8 @@ def run_evas(config: dict, ctx: TrialContext) -> dict[str, float]:
     # 2. train the arch on clean data (epoch checkpoints through ctx)
     torch.manual_seed(cfg.seed)
     model = build().to(ctx.device)
-    res = train(model, data, cfg.train, seed=cfg.seed, ctx=ctx, state_key="train",
-                metric_prefix="train_")
+    # per-epoch curves `train_loss` / `test_acc` (no prefix: "train_" doubled them)
+    res = train(model, data, cfg.train, seed=cfg.seed, ctx=ctx, state_key="train")
     out["clean_acc"] = res["test_acc"]
     out["time_train_s"] = res["seconds"]
 
@@ -151,10 +151,13 @@ def extra_params(cfg: EvasConfig) -> dict[str, object]:
 
 
 def trial_name(cfg: EvasConfig) -> str:
+    """The run's name after its index (``a0042 |nor_conv_3x3~0|+... cifar10``, the index
+    added by the plan from :attr:`name_prefix`)."""
     return f"{cfg.arch} {cfg.dataset}"
 
 
 run_evas.config_model = EvasConfig
 run_evas.extra_params = extra_params
 run_evas.trial_name = trial_name
+run_evas.name_prefix = "a"  # "a0042": the 43rd arch of its stage's plan
 TRIAL_KINDS.register("evas", run_evas)

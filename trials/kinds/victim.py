@@ -102,11 +102,12 @@ def extra_params(cfg: VictimConfig) -> dict[str, Any]:
 
 
 def trial_name(cfg: VictimConfig) -> str:
-    name = f"{cfg.model} {cfg.dataset}"
+    name = f"{cfg.model}@{cfg.dataset}"  # after the plan's index: "v0003 darts@cifar10 p=0.1"
     return name + (f" p={cfg.poison_fraction:g}" if cfg.poison_fraction > 0 else "")
 
 
 run_victim.config_model = VictimConfig
 run_victim.extra_params = extra_params
 run_victim.trial_name = trial_name
+run_victim.name_prefix = "v"
 TRIAL_KINDS.register("victim", run_victim)
