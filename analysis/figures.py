@@ -165,6 +165,7 @@ def _rho_row(corr: pd.DataFrame | None, xc: str, yc: str, x: np.ndarray, y: np.n
                      transform_x=np.log10 if log_x else None).iloc[0].to_dict()
 
 
+@styled
 def scatter_figure(df: pd.DataFrame, xs: Sequence[str], ys: Sequence[str], *,
                    log_x: bool = True, title: str | None = None,
                    labels: Mapping[str, str] | None = None, corr: pd.DataFrame | None = None,
