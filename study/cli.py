@@ -347,8 +347,8 @@ def main() -> None:
         typer.echo(f"nasrisk: error: {' '.join(str(e).split())}", err=True)
         sys.exit(2)
     except KeyboardInterrupt:
-        typer.echo("nasrisk: interrupted; `nasrisk resume STUDY` continues where it stopped",
-                   err=True)
+        typer.echo(f"nasrisk: interrupted; `{shell_command('nasrisk')} resume STUDY` continues "
+                   "where it stopped", err=True)
         sys.exit(130)
 
 
