@@ -175,15 +175,15 @@ def scatter_figure(df: pd.DataFrame, xs: Sequence[str], ys: Sequence[str], *,
         raise UserError("scatter_grid needs at least one x and one y column")
     labels = dict(labels or {})
     cols, rows = len(xs), len(ys)
-    width, height = panel_size * cols + 0.9, panel_size * rows + 0.5 + (0.35 if title else 0)
+    width, height = panel_size * cols + 1.05, panel_size * rows + 0.5 + (0.45 if title else 0)
     fig = Figure(figsize=(width, height))
     # fixed margins rather than constrained layout: its tight-bbox pass over log-axis ticks
     # cost most of the rendering time of a 2 x 4 grid
     axes = fig.subplots(rows, cols, squeeze=False, sharex="col", sharey="row",
                         gridspec_kw={"wspace": 0.18, "hspace": 0.35,
-                                     "left": 0.85 / width, "right": 1 - 0.2 / width,
+                                     "left": 1.0 / width, "right": 1 - 0.2 / width,
                                      "bottom": 0.95 / height,
-                                     "top": 1 - (0.65 if title else 0.3) / height})
+                                     "top": 1 - (0.75 if title else 0.3) / height})
     n_flagged = 0
     for i, yc in enumerate(ys):
         y = _numeric(df, yc)
