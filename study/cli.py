@@ -149,8 +149,7 @@ def run(
     download: Annotated[bool, typer.Option("--download", help="Download missing datasets "
                                                              "(CIFAR) instead of failing.")] = False,
     report: Annotated[bool, typer.Option(
-        show_default=False, help="Build the study's report at the end (the default; "
-                                 "--no-report skips it).")] = True,
+        show_default=False, help="Build the study's report at the end (on by default).")] = True,
     resource_timeout: Annotated[float | None, typer.Option(
         help="Seconds to wait for the Ray cluster to offer one trial's CPUs/GPUs (an "
              "autoscaling cluster adds nodes) before refusing [default: 0 for a local "
@@ -177,8 +176,8 @@ def resume(study: Annotated[str, typer.Argument(help="The study name that was ru
            workdir: Workdir = None,
            address: Annotated[str | None, typer.Option(help="Ray address.")] = None,
            report: Annotated[bool, typer.Option(
-               show_default=False, help="Build the report at the end (the default; "
-                                        "--no-report skips it).")] = True) -> None:
+               show_default=False, help="Build the report at the end (on by default).")
+           ] = True) -> None:
     """Continue an interrupted or partly failed study: runs every trial MLflow does not hold as
     done (errored and stopped ones included), each from its newest good checkpoint."""
     from .plan import RunOptions, build_plan

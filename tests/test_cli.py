@@ -38,6 +38,7 @@ def test_help_text_reads_as_written(run_cli, cmd, monkeypatch):
     code, out, _ = run_cli(*cmd, "--help")
     assert code == 0
     assert "<bool>" not in out and "[default: report]" not in out
+    assert not any(ln.rstrip().endswith("--no-") for ln in out.splitlines())  # an option cut
     if "--workdir" in out:  # the "[default: ...]" notes are printed, not eaten as markup
         assert "./nasrisk-runs" in out
     if not cmd:  # each command's one-line summary is whole: no "...", ends a sentence
