@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from ray import tune
 
-import nasrisk.trials  # noqa: F401  (registers every entry in this worker)
+import nasrisk.trials  # noqa: F401  (registries import their entries on first lookup, in this worker too)
 from nasrisk.trials.context import TrialContext
 from nasrisk.trials.registry import TRIAL_KINDS
 from nasrisk.trials.store import sha256_file
