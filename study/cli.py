@@ -20,6 +20,7 @@ import typer
 
 from nasrisk.trials.errors import UserError
 
+from .commands import shell_command
 from .guard import StudyInterrupted
 
 app = typer.Typer(
@@ -42,22 +43,6 @@ Tracking = Annotated[str | None, typer.Option(
 Profile = Annotated[str | None, typer.Option(
     "--profile", help="Study profile: `smoke` (embedded data, tiny, minutes on a laptop) or "
                       "`paper` (the published protocol). [default: the study's default]")]
-
-
-def shell_command(name: str) -> str:
-    """``name`` (``mlflow``, ``nasrisk``) as a printed command that works in a fresh shell:
-    the absolute path of this interpreter's copy when the shell's PATH would find another one
-    or none (a venv that is not activated), else the bare name."""
-    import shlex
-    import shutil
-
-    mine = Path(sys.executable).parent / name  # not resolved: a venv's python is a symlink
-    if not mine.is_file():
-        return name
-    found = shutil.which(name)
-    if found and Path(found).resolve() == mine.resolve():
-        return name
-    return shlex.quote(str(mine.absolute()))
 
 
 def _mlflow_ui_hint(uri: str) -> str:

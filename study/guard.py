@@ -29,7 +29,6 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import sqlite3
 import sys
 import threading
 import time
@@ -211,14 +210,14 @@ class StudyGuard:
 
 
 def _sqlite_ok(path: Path) -> bool:
+    """The start-up probe's check (header, schema, quick_check) of the rescued copy."""
+    from .probes import check_sqlite_store
+
     try:
-        con = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
-        try:
-            return con.execute("PRAGMA quick_check(1)").fetchall() == [("ok",)]
-        finally:
-            con.close()
-    except sqlite3.Error:
+        check_sqlite_store(path, str(path), must_exist=True, writable=False)
+    except UserError:
         return False
+    return True
 
 
 class _MuteWhenStopping(logging.Filter):

@@ -27,6 +27,7 @@ from typing import Any
 
 from nasrisk.trials.errors import UserError
 
+from .commands import shell_command
 from .guard import StudyGuard, StudyInterrupted, tune_stopper
 from .lock import WorkdirLock
 from .plan import RunOptions, StagePlan, StudyPlan
@@ -112,13 +113,10 @@ def trial_name(trial: Any) -> str:
     return trial.config["trial"]["name"]
 
 
-def _payload(stage: StagePlan, keys: list[str] | None) -> list[dict[str, Any]] | None:
-    """What Tune's grid runs over: one entry per planned trial (``keys`` picks and orders)."""
-    if keys is None:
-        return None
-    by_key = {t.key: t for t in stage.trials}
+def _payload(trials: list[Any]) -> list[dict[str, Any]]:
+    """What Tune's grid runs over: one entry per trial to run."""
     return [{"key": t.key, "name": t.name, "stage": t.stage, "kind": t.kind, "config": t.config}
-            for t in (by_key[k] for k in keys if k in by_key)]
+            for t in trials]
 
 
 def trial_dirname(trial: Any) -> str:
@@ -136,7 +134,7 @@ def _trainable(runtime: dict[str, Any]):
 
 def _run_stage(plan: StudyPlan, stage: StagePlan, *, uri: str, exp_id: str, wd: Workdir,
                data_root: Path, download: bool, record: dict[str, Any],
-               restore: bool, address: str | None, guard: StudyGuard) -> StageOutcome:
+               address: str | None, guard: StudyGuard) -> StageOutcome:
     from ray import tune
 
     t0 = time.time()
@@ -163,9 +161,8 @@ def _run_stage(plan: StudyPlan, stage: StagePlan, *, uri: str, exp_id: str, wd: 
         guard.raise_if_stopped()
         exp_name = f"{plan.spec.name}.{name}.{len(exps) + 1}"
         exps.append(exp_name)
-        record.setdefault("tune_trials", {})[exp_name] = [t.key for t in todo]
         wd.save_run_record(plan.spec.name, record)
-        payload = _payload(stage, [t.key for t in todo])
+        payload = _payload(todo)
         tuner = tune.Tuner(
             _trainable(runtime),
             param_space={"trial": tune.grid_search(payload)},
@@ -219,8 +216,6 @@ def run_study(plan: StudyPlan, *, workdir: str | Path | None = None,
     with WorkdirLock(wd.root):
         uri = (tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
                or default_tracking_uri(wd.root))
-        from .cli import shell_command  # a command that works as printed
-
         hint = f"{shell_command('nasrisk')} resume {plan.spec.name} --workdir {wd.root}"
         with StudyGuard(resume_hint=hint, db=sqlite_path(uri),
                         writable=[wd.root, wd.tune]) as guard:
@@ -248,7 +243,7 @@ def _run_study(plan: StudyPlan, wd: Workdir, uri: str, address: str | None,
     outcomes = []
     for stage in plan.stages:
         out = _run_stage(plan, stage, uri=uri, exp_id=exp_id, wd=wd, data_root=data,
-                         download=download, record=record, restore=restore,
+                         download=download, record=record,
                          address=address, guard=guard)
         wd.save_run_record(plan.spec.name, record)
         outcomes.append(out)
