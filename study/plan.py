@@ -295,8 +295,8 @@ def build_plan(spec: StudySpec, opts: RunOptions) -> StudyPlan:
             if key in seen:
                 continue
             seen.add(key)
-            name = kind.trial_name(valid) if hasattr(kind, "trial_name") else f"{st.name}-{len(trials)}"
-            if hasattr(kind, "name_prefix"):  # "a0042 |nor_conv...": sorts, found at a glance
+            name = kind.trial_name(valid) or f"{st.name}-{len(trials)}"
+            if kind.name_prefix:  # "a0042 |nor_conv...": sorts, found at a glance
                 name = f"{kind.name_prefix}{len(trials):04d} {name}"
             trials.append(Trial(key, name, st.name, st.kind, canon))
         stages.append(StagePlan(st, res, trials))

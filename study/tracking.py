@@ -27,13 +27,15 @@ from mlflow.exceptions import MlflowException  # noqa: E402
 
 from nasrisk.trials.errors import UserError  # noqa: E402
 
-TAG_KEY = "nasrisk.trial_key"
-TAG_STATUS = "nasrisk.status"
-TAG_ROLE = "nasrisk.role"
-TAG_STUDY = "nasrisk.study"
-TAG_STAGE = "nasrisk.stage"
-TAG_KIND = "nasrisk.kind"
-TAG_ERROR = "nasrisk.error"
+from . import tags  # noqa: E402
+
+TAG_KEY = tags.TRIAL_KEY
+TAG_STATUS = tags.STATUS
+TAG_ROLE = tags.ROLE
+TAG_STUDY = tags.STUDY
+TAG_STAGE = tags.STAGE
+TAG_KIND = tags.KIND
+TAG_ERROR = tags.ERROR
 # MLflow 3's UI opens an experiment on its runs table only when this experiment tag says the
 # work is model training (values from mlflow/server/js: genai_development,
 # custom_model_development, ...); untagged experiments open on the GenAI overview.
@@ -158,7 +160,7 @@ class TrialRun:
         if run.data.tags.get(TAG_STATUS) == "done":
             return self.run_id  # finished: leave it exactly as it is
         self.client.update_run(self.run_id, status="RUNNING")
-        self.set_tags({"nasrisk.host": socket.gethostname(), "nasrisk.pid": str(os.getpid()),
+        self.set_tags({tags.HOST: socket.gethostname(), tags.PID: str(os.getpid()),
                        TAG_STATUS: "running"})
         return self.run_id
 
@@ -174,7 +176,7 @@ class TrialRun:
         if not victims:
             return None
         vid = victims[0].info.run_id
-        self.set_tags({"nasrisk.victim_run_id": vid})
+        self.set_tags({tags.VICTIM_RUN_ID: vid})
         return vid
 
     def is_done(self) -> bool:

@@ -40,12 +40,13 @@ from nasrisk.trials.context import TrialContext
 from nasrisk.trials.registry import TRIAL_KINDS
 from nasrisk.trials.store import sha256_file
 
+from . import tags
 from .progress import WARNING_KEY
 from .tracking import TAG_KIND, TAG_STAGE, TAG_STUDY, TrialRun
 
 STATE_FILE = "state.pt"
 META_FILE = "meta.json"
-TAG_WARNING = "nasrisk.warning"
+TAG_WARNING = tags.WARNING
 
 
 def state_epoch(state: Mapping[str, Any]) -> int | None:
@@ -207,12 +208,11 @@ def run_trial(params: dict[str, Any], runtime: dict[str, Any]) -> None:
     kind = TRIAL_KINDS.get(t["kind"])
     params_logged = {**t["config"], "profile": runtime["profile"], "stage": t["stage"],
                      "kind": t["kind"]}
-    if hasattr(kind, "extra_params"):
-        params_logged.update(kind.extra_params(kind.config_model.model_validate(t["config"])))
+    params_logged.update(kind.extra_params(kind.validate(t["config"])))
     run.open(run_id=run_id, name=t["name"], params=params_logged, tags={
         TAG_STUDY: runtime["study"], TAG_STAGE: t["stage"], TAG_KIND: t["kind"],
-        "nasrisk.profile": runtime["profile"], "nasrisk.version": runtime["version"],
-        "nasrisk.git_commit": runtime["git_commit"], "nasrisk.params": runtime["params"],
+        tags.PROFILE: runtime["profile"], tags.VERSION: runtime["version"],
+        tags.GIT_COMMIT: runtime["git_commit"], tags.PARAMS: runtime["params"],
     })
     if run.is_done():  # finished in MLflow although Tune lost track: never recompute
         done = run.client.get_run(run.run_id).data.metrics

@@ -163,10 +163,13 @@ def test_failure_line_names_only_errors_that_mlflow_holds():
 # -- a failing / stopped trial outside Ray: its run and its temporary folders ---------------------
 class _Kinds:
     def __init__(self, fn):
-        self.fn = fn
+        from nasrisk.trials.kinds.base import TrialKind
+        from nasrisk.trials.kinds.calibrate import CalibrateConfig
+
+        self.kind = TrialKind(fn=fn, config_model=CalibrateConfig)
 
     def get(self, name):
-        return self.fn
+        return self.kind
 
 
 def test_failed_or_stopped_trial_marks_its_run_rightly_and_leaves_no_temp_folder(

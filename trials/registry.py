@@ -18,8 +18,10 @@ What an entry takes and returns, per registry:
   uint8 ``(N, 3, H, W)`` images and int64 labels) with a :class:`DatasetInfo` as ``.info``.
 * ``ATTACKS``: ``attack(model, x, y, *, ...) -> AttackResult`` (keyword-only options with defaults).
 * ``METRICS``: ``metric(model, ... ) -> float | dict`` measured on a model/data.
-* ``TRIAL_KINDS``: ``kind(config: dict, ctx: TrialContext) -> dict[str, float]``; its
-  ``.config_model`` attribute is the pydantic model that validates ``config``.
+* ``TRIAL_KINDS``: a :class:`~nasrisk.trials.kinds.base.TrialKind` (function
+  ``config, ctx -> metrics``, config model, metric names, run naming).
+* ``STEP_KINDS``: a lineage step kind (:mod:`nasrisk.trials.lineage`): its typed config and the
+  function that makes a child model from its parent.
 """
 
 from __future__ import annotations
@@ -121,7 +123,8 @@ DATASETS: Registry[Callable[..., Any]] = Registry("dataset", ("nasrisk.trials.da
 ATTACKS: Registry[Callable[..., Any]] = Registry(
     "attack", ("nasrisk.trials.attacks", "nasrisk.trials.poison"))
 METRICS: Registry[Callable[..., Any]] = Registry("metric", ("nasrisk.trials.metrics",))
-TRIAL_KINDS: Registry[Callable[..., Any]] = Registry("trial kind", ("nasrisk.trials.kinds",))
+TRIAL_KINDS: Registry[Any] = Registry("trial kind", ("nasrisk.trials.kinds",))
+STEP_KINDS: Registry[Any] = Registry("step kind", ("nasrisk.trials.steps",))
 
 
 #: config field types that accept only registered names (validated before Ray starts)

@@ -70,6 +70,7 @@ from ..context import TrialContext
 from ..data import ImageData, load_dataset, to_float
 from ..registry import MODELS, TRIAL_KINDS
 from ..victims import VictimSpec, ensure_victim, victim_data
+from .base import TrialKind
 
 AttackName = Literal["pgd_targeted", "pgd_sweep", "nes", "pgd_overlap"]
 SWEEP_EPS_255 = (1, 2, 4, 8, 16)  # PROTOCOLS 4, PGD untargeted sweep
@@ -260,8 +261,22 @@ def trial_name(cfg: AttackConfig) -> str:
     return f"{cfg.attack} {cfg.victim.model}@{cfg.victim.dataset}"  # "x0007 pgd darts@cifar10"
 
 
-run_attack.config_model = AttackConfig
-run_attack.extra_params = extra_params
-run_attack.trial_name = trial_name
-run_attack.name_prefix = "x"
-TRIAL_KINDS.register("attack", run_attack)
+_COMMON = ("victim_acc", "victim_trained", "n_attacked")
+_BY_ATTACK = {
+    "pgd_targeted": ("asr_m", "asr_l", "pgd_queries_m", "pgd_queries_l"),
+    "pgd_sweep": tuple(f"asr_eps_{e}" for e in SWEEP_EPS_255),
+    "nes": ("nes_asr_m", "nes_asr_l", "nes_queries_m", "nes_queries_l",
+            "nes_queries_success_m", "nes_queries_success_l"),
+    "pgd_overlap": ("overlap_fooled", "overlap_clean_acc", "overlap_asr"),
+}
+
+
+def metric_names(cfg: AttackConfig) -> tuple[str, ...]:
+    return (*_COMMON, *_BY_ATTACK[cfg.attack])
+
+
+TRIAL_KINDS.register("attack", TrialKind(
+    fn=run_attack, config_model=AttackConfig,
+    metrics=(*_COMMON, *(m for ms in _BY_ATTACK.values() for m in ms)),
+    metrics_for=metric_names, name=trial_name, name_prefix="x", params=extra_params,
+    description="one evasion attack on one victim from the store"))

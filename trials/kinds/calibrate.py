@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ..context import TrialContext
 from ..registry import TRIAL_KINDS
+from .base import TrialKind
 
 
 class CalibrateConfig(BaseModel):
@@ -42,6 +43,7 @@ def run_calibrate(config: dict, ctx: TrialContext) -> dict[str, float]:
     return {"value": value, "epochs_run": float(cfg.epochs - start)}
 
 
-run_calibrate.config_model = CalibrateConfig
-run_calibrate.trial_name = lambda cfg: f"calibrate-{cfg.index:05d}"
-TRIAL_KINDS.register("calibrate", run_calibrate)
+TRIAL_KINDS.register("calibrate", TrialKind(
+    fn=run_calibrate, config_model=CalibrateConfig, metrics=("value", "epochs_run"),
+    name=lambda cfg: f"calibrate-{cfg.index:05d}",
+    description="a seeded matrix power per epoch: measures the runner, not a model"))

@@ -26,6 +26,7 @@ from ..models.nats.network import TinyNetwork
 from ..models.wrapper import Normalized
 from ..registry import TRIAL_KINDS, DatasetName
 from ..train import NATS_RECIPE, TrainConfig, train
+from .base import TrialKind
 
 STRICT = ConfigDict(extra="forbid", frozen=True)
 
@@ -156,8 +157,16 @@ def trial_name(cfg: EvasConfig) -> str:
     return f"{cfg.arch} {cfg.dataset}"
 
 
-run_evas.config_model = EvasConfig
-run_evas.extra_params = extra_params
-run_evas.trial_name = trial_name
-run_evas.name_prefix = "a"  # "a0042": the 43rd arch of its stage's plan
-TRIAL_KINDS.register("evas", run_evas)
+def metric_names(cfg: EvasConfig) -> tuple[str, ...]:
+    kappa = tuple(m for v in cfg.kappa.variants for m in (f"kappa_{v}", f"kappa_{v}_flagged"))
+    return (*kappa, *(("te_nas",) if cfg.kappa.te_nas else ()), "time_kappa_s", "clean_acc",
+            "time_train_s", "acc", "asr", "time_generator_s")
+
+
+TRIAL_KINDS.register("evas", TrialKind(
+    fn=run_evas, config_model=EvasConfig,
+    metrics=metric_names(EvasConfig(arch="|none~0|+|none~0|none~1|+|none~0|none~1|none~2|")),
+    metrics_for=metric_names, name=trial_name,
+    name_prefix="a",  # "a0042": the 43rd arch of its stage's plan
+    params=extra_params,
+    description="kappa of one NATS arch, then clean training and the trigger generator: ACC, ASR"))

@@ -30,6 +30,7 @@ from ..metrics.grad_var import gradient_variance, kaiming_init_
 from ..models.darts.stats import genotype_stats
 from ..registry import MODELS, TRIAL_KINDS
 from ..victims import VictimSpec, build_victim, ensure_victim, is_darts_space, victim_data
+from .base import TrialKind
 
 
 class VictimConfig(VictimSpec):
@@ -106,8 +107,15 @@ def trial_name(cfg: VictimConfig) -> str:
     return name + (f" p={cfg.poison_fraction:g}" if cfg.poison_fraction > 0 else "")
 
 
-run_victim.config_model = VictimConfig
-run_victim.extra_params = extra_params
-run_victim.trial_name = trial_name
-run_victim.name_prefix = "v"
-TRIAL_KINDS.register("victim", run_victim)
+def metric_names(cfg: VictimConfig) -> tuple[str, ...]:
+    grad = ("grad_var_init", "grad_var_init_artifact", "grad_var_trained",
+            "grad_var_trained_artifact") if cfg.measure_grad_var else ()
+    contours = ("contour_params_centre", "contour_input_centre") if cfg.contours else ()
+    return ("acc", "param_count", "train_seconds", *grad, *contours)
+
+
+TRIAL_KINDS.register("victim", TrialKind(
+    fn=run_victim, config_model=VictimConfig,
+    metrics=metric_names(VictimConfig.model_construct(measure_grad_var=True, contours=True)),
+    metrics_for=metric_names, name=trial_name, name_prefix="v", params=extra_params,
+    description="train (or load) one victim through the store; gradient variance, contours"))
