@@ -235,3 +235,61 @@ def get_genotype(name: str) -> Genotype:
     except KeyError:
         raise UserError(
             f"unknown genotype {name!r}; valid: {', '.join(sorted(GENOTYPES))}") from None
+
+
+def format_genotype(g: Genotype) -> str:
+    """``g`` in the DARTS code's printed form, ``Genotype(normal=[('sep_conv_3x3', 0), ...],
+    normal_concat=[2, 3, 4, 5], reduce=[...], reduce_concat=[...])``: what a search logs and
+    what :func:`parse_genotype` reads back (a lineage base built from a found genotype)."""
+    def edges(es: tuple[Edge, ...]) -> str:
+        return "[" + ", ".join(f"('{op}', {src})" for op, src in es) + "]"
+
+    return (f"Genotype(normal={edges(g.normal)}, normal_concat={list(g.normal_concat)}, "
+            f"reduce={edges(g.reduce)}, reduce_concat={list(g.reduce_concat)})")
+
+
+def parse_genotype(text: str) -> Genotype:
+    """The genotype a string in the DARTS code's printed form describes (the form
+    :func:`format_genotype` writes; ``range(2, 6)`` is accepted for a concat, as the DARTS
+    code prints it). Parsed with :func:`ast.literal_eval` on each field, never ``eval``; any
+    malformed string raises ValueError naming the problem."""
+    import ast
+    import re
+
+    m = re.fullmatch(r"\s*Genotype\((.*)\)\s*", text, flags=re.S)
+    if not m:
+        raise ValueError(f"a genotype string starts with 'Genotype(': got {text[:60]!r}")
+    fields: dict[str, object] = {}
+    # split "name=value, name=value" at the top level: the values hold commas inside [] / ()
+    parts, depth, start, body = [], 0, 0, m.group(1)
+    for i, ch in enumerate(body):
+        depth += ch in "[(" and 1 or (ch in "])" and -1 or 0)
+        if ch == "," and depth == 0:
+            parts.append(body[start:i])
+            start = i + 1
+    parts.append(body[start:])
+    for part in (p.strip() for p in parts if p.strip()):
+        name, eq, value = part.partition("=")
+        name = name.strip()
+        if not eq or name not in ("normal", "normal_concat", "reduce", "reduce_concat"):
+            raise ValueError(f"genotype field {name!r} is not one of normal, normal_concat, "
+                             "reduce, reduce_concat")
+        value = value.strip()
+        r = re.fullmatch(r"range\((\d+),\s*(\d+)\)", value)
+        try:
+            fields[name] = list(range(int(r[1]), int(r[2]))) if r else ast.literal_eval(value)
+        except (ValueError, SyntaxError) as e:
+            raise ValueError(f"genotype field {name}: not a literal list ({e})") from None
+    missing = {"normal", "normal_concat", "reduce", "reduce_concat"} - set(fields)
+    if missing:
+        raise ValueError(f"genotype string lacks {', '.join(sorted(missing))}")
+    try:
+        return Genotype(
+            normal=tuple((str(op), int(src)) for op, src in fields["normal"]),  # type: ignore[union-attr]
+            normal_concat=tuple(int(c) for c in fields["normal_concat"]),  # type: ignore[union-attr]
+            reduce=tuple((str(op), int(src)) for op, src in fields["reduce"]),  # type: ignore[union-attr]
+            reduce_concat=tuple(int(c) for c in fields["reduce_concat"]),  # type: ignore[union-attr]
+            source="parsed",
+        )
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"malformed genotype: {e}") from None
