@@ -40,3 +40,19 @@ def test_the_darts_codes_printed_form_parses():
 def test_malformed_strings_name_the_problem(text, problem):
     with pytest.raises(ValueError, match=problem):
         parse_genotype(text)
+
+
+@pytest.mark.parametrize("name", ["darts", "enas"])
+def test_the_genotype_model_builds_the_same_network_as_the_named_one(name):
+    import torch
+
+    from nasrisk.trials.registry import MODELS
+
+    kw = dict(num_classes=10, input_size=28, C=8, layers=5)
+    named = MODELS.get(name)(**kw)
+    from_string = MODELS.get("genotype")(genotype=format_genotype(GENOTYPES[name]), **kw)
+    shapes = lambda m: [tuple(p.shape) for p in m.parameters()]  # noqa: E731
+    assert shapes(from_string) == shapes(named)
+    other = MODELS.get("genotype")(genotype=format_genotype(GENOTYPES["pdarts"]), **kw)
+    assert shapes(other) != shapes(named)
+    assert from_string(torch.zeros(1, 3, 28, 28)).shape == (1, 10)
