@@ -22,6 +22,7 @@ from nasrisk.trials.errors import UserError
 
 from .commands import shell_command
 from .guard import StudyInterrupted
+from .store_cmd import app as store_app
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -31,6 +32,8 @@ app = typer.Typer(
          "Typical use: `nasrisk studies`, `nasrisk plan evas-kappa`, `nasrisk run evas-kappa`, "
          "`nasrisk report evas-kappa`, `mlflow ui ...` (printed at the end of a run).",
 )
+
+app.add_typer(store_app, name="store")  # `nasrisk store ls|verify` (study/store_cmd.py)
 
 Study = Annotated[str, typer.Argument(help="A built-in study name (see `nasrisk studies`) or "
                                            "a path to a YAML study file.")]

@@ -51,7 +51,7 @@ def test_help_text_reads_as_written(run_cli, cmd, monkeypatch):
             else:
                 cur += " " + ln.strip()
         entries = [e.strip() for e in [*entries, cur] if e.strip()]
-        assert len(entries) == 6, section
+        assert len(entries) == 7, section
         for e in entries:
             assert e.endswith(".") and "..." not in e, e
 
