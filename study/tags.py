@@ -62,3 +62,4 @@ P_FAMILY = "family"
 P_MODEL = "model"
 P_DATASET = "dataset"
 P_ATTACK = "attack"
+P_POISON_FRACTION = "poison_fraction"  # the label-flip fraction of the model a trial used
