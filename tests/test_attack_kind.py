@@ -7,6 +7,8 @@ import pytest
 import torch
 
 from nasrisk.trials import victims
+from nasrisk.trials.attacks import pgd as pgd_module
+from nasrisk.trials.attacks.entry import fixed_indices
 from nasrisk.trials.attacks.pgd import pgd, pgd_params, pgd_targeted_case
 from nasrisk.trials.attacks.targets import select_correct
 from nasrisk.trials.context import LocalContext
@@ -90,7 +92,7 @@ def test_first_trial_trains_victim_and_victim_stage_loads_it(first, monkeypatch)
     assert calls == [] and record["source"] == "store"
     assert record["acc"] == pytest.approx(out["victim_acc"])
     assert attack_kind.extra_params(attack_kind.AttackConfig(victim=VICTIM,
-                                                             attack="nes"))["victim_key"] == key
+                                                             attack="nes"))["lineage_key"] == key
 
 
 @pytest.mark.parametrize("attack, keys", [
@@ -202,20 +204,64 @@ def test_params_default_to_the_victims():
                                                  "nes_queries_per_estimate": 21})
 
 
+def test_attack_options_are_the_entrys_and_only_the_trials_own_are_kept():
+    validate = attack_kind.AttackConfig.model_validate
+    stage = {"victim": VICTIM, "attack_options": {"nes": {"queries_per_estimate": 20}}}
+    nes_cfg, pgd_cfg = validate({**stage, "attack": "nes"}), validate({**stage, "attack": "pgd_sweep"})
+    assert nes_cfg.options().queries_per_estimate == 20
+    # a stage-wide NES option is not part of a PGD trial's config (key, MLflow params)
+    assert pgd_cfg.model_dump() == validate({"victim": VICTIM, "attack": "pgd_sweep"}).model_dump()
+    assert pgd_cfg.model_dump()["attack_options"] == {"pgd_sweep": {}}
+    # the flat field of older study files is the same option (and wins over attack_options)
+    sugar = validate({"victim": VICTIM, "attack": "nes", "nes_queries_per_estimate": 20})
+    assert sugar.model_dump() == nes_cfg.model_dump()
+    assert validate({**stage, "attack": "nes", "nes_queries_per_estimate": 40}
+                    ).options().queries_per_estimate == 40
+    assert validate(nes_cfg.model_dump()) == nes_cfg  # the dumped config validates back
+    # every attack's options are checked, in every trial: a typo fails the PGD trials too
+    for bad, says in (({"nes": {"queries": 20}}, "attack_options.nes: queries"),
+                      ({"nes": {"queries_per_estimate": 21}}, "even"),
+                      ({"fgsm": {}}, "unknown attack 'fgsm'; valid: nes, pgd_overlap")):
+        with pytest.raises(ValueError, match=says):
+            validate({"victim": VICTIM, "attack": "pgd_targeted", "attack_options": bad})
+    with pytest.raises(ValueError, match="valid: nes, pgd_overlap, pgd_sweep, pgd_targeted"):
+        validate({"victim": VICTIM, "attack": "fgsm"})
+
+
+def test_metric_names_and_params_come_from_the_entry():
+    from nasrisk.study import tags
+    from nasrisk.trials.registry import ATTACKS
+
+    for name in ("pgd_targeted", "pgd_sweep", "nes", "pgd_overlap"):
+        cfg = attack_kind.AttackConfig.model_validate({"victim": VICTIM, "attack": name})
+        assert run_attack.metric_names(cfg) == (
+            "victim_acc", "victim_trained", "n_attacked", *ATTACKS.get(name).metrics)
+        assert set(run_attack.metric_names(cfg)) <= set(run_attack.metric_names())
+        params = run_attack.extra_params(cfg)
+        assert params[tags.P_LINEAGE_KEY] == VictimSpec(**VICTIM).key()
+        assert params[tags.P_PARENT_KEY] == "" and params[tags.P_POISON_FRACTION] == 0.0
+        assert params[tags.P_LINEAGE] == "nats@embedded" and params[tags.P_ATTACK] == name
+    poisoned = attack_kind.AttackConfig.model_validate(
+        {"victim": {**VICTIM, "poison_fraction": 0.2}, "attack": "nes"})
+    params = run_attack.extra_params(poisoned)
+    assert params[tags.P_POISON_FRACTION] == 0.2 and "label_flip" in params[tags.P_LINEAGE]
+    assert params[tags.P_LINEAGE_KEY] == VictimSpec(**VICTIM, poison_fraction=0.2).key()
+
+
 def test_retried_trial_reuses_finished_parts(first, monkeypatch):
     store, root, ctx, out = first
 
     def boom(*a, **kw):
         raise AssertionError("a finished part was recomputed")
 
-    monkeypatch.setattr(attack_kind, "pgd_targeted_case", boom)
+    monkeypatch.setattr(pgd_module, "pgd_targeted_case", boom)
     again = run_attack({"victim": VICTIM, "attack": "pgd_targeted", "n_inputs": 16},
                        ctx_for(root / "t0", store))
     assert again["asr_m"] == out["asr_m"] and again["asr_l"] == out["asr_l"]
 
 
 def test_overlap_indices_do_not_depend_on_the_model():
-    a = attack_kind.overlap_indices(200, 24, 3)
-    assert torch.equal(a, attack_kind.overlap_indices(200, 24, 3))
-    assert not torch.equal(a, attack_kind.overlap_indices(200, 24, 4))
+    a = fixed_indices(200, 24, 3)
+    assert torch.equal(a, fixed_indices(200, 24, 3))
+    assert not torch.equal(a, fixed_indices(200, 24, 4))
     assert torch.equal(a, a.sort().values) and len(a.unique()) == 24

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from nasrisk.trials import ATTACKS
-from nasrisk.trials.attacks.nes import nes, nes_gradient, nes_params
+from nasrisk.trials.attacks.nes import NESOptions, nes, nes_gradient, nes_params, run_nes
 from nasrisk.trials.attacks.targets import select_correct, select_targets
 from nasrisk.trials.context import TrialContext
 from nasrisk.trials.data import load_dataset
@@ -140,8 +140,6 @@ def test_nes_succeeds_with_enough_queries_and_counts_them(trained):
     assert (r.queries[~r.success] == budget).all()
     assert (r.queries[r.success] <= budget).all()
     assert r.queries[r.success].float().std() > 0  # inputs stop at different steps
-    m = r.metrics("nes_")
-    assert m["nes_asr"] == r.asr and m["nes_queries_mean"] > 0
 
 
 def test_nes_deterministic_and_params(trained):
@@ -156,4 +154,4 @@ def test_nes_deterministic_and_params(trained):
     assert nes_params("least", "artifact") == art
     with pytest.raises(ValueError):
         nes(model, x[:1], y[:1], queries_per_estimate=21)
-    assert ATTACKS.get("nes") is nes
+    assert ATTACKS.get("nes").run is run_nes and ATTACKS.get("nes").options is NESOptions

@@ -1,8 +1,7 @@
 """PGD (PROTOCOLS 4): reductions to known cases (eps 0, FGSM), the sweep's monotone trend,
 target rules, the threat-model constraints, success at any iteration (kept at the first), query
-counts and the overlap histogram."""
+counts."""
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -10,11 +9,13 @@ from torch import nn
 
 from nasrisk.trials import ATTACKS
 from nasrisk.trials.attacks.pgd import (
-    overlap_histogram,
     pgd,
     pgd_eps_sweep,
     pgd_params,
     pgd_targeted_case,
+    run_overlap,
+    run_sweep,
+    run_targeted,
 )
 from nasrisk.trials.attacks.targets import is_success, select_correct, select_targets
 from nasrisk.trials.context import TrialContext
@@ -167,16 +168,7 @@ def test_restarts_only_add_successes(trained):
     assert torch.equal(five.x_adv[one.success], one.x_adv[one.success])
 
 
-def test_overlap_histogram_matches_brute_force():
-    gen = torch.Generator().manual_seed(0)
-    masks = {f"m{i}": torch.rand(50, generator=gen) < 0.3 + 0.1 * i for i in range(4)}
-    counts = overlap_histogram(masks)
-    brute = [sum(int(sum(bool(m[j]) for m in masks.values()) == k) for j in range(50))
-             for k in range(5)]
-    assert counts.tolist() == brute and counts.sum() == 50
-    assert isinstance(counts, np.ndarray)
-
-
 def test_registered():
-    assert ATTACKS.get("pgd_targeted") is pgd_targeted_case
-    assert ATTACKS.get("pgd_untargeted_sweep") is pgd_eps_sweep
+    entries = {n: ATTACKS.get(n) for n in ("pgd_targeted", "pgd_sweep", "pgd_overlap")}
+    assert [e.run for e in entries.values()] == [run_targeted, run_sweep, run_overlap]
+    assert entries["pgd_overlap"].inputs == "fixed" and entries["pgd_targeted"].inputs == "correct"

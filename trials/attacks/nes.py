@@ -4,21 +4,32 @@ Queries and Information", ICML 2018) with the settings of PROTOCOLS 4.
 Threat model: the attacker sees only the output probabilities of the model (score-based
 black box), L-inf ball eps = 8/255 around a [0, 1] input; targets as for PGD (most-/least-
 likely class, Pang et al., "On the Security Risks of AutoML", USENIX Security 2022, Sec. 4).
+
+Registered in ATTACKS as ``nes`` for the ``attack`` trial (:mod:`.entry`), with the option
+``queries_per_estimate`` (:class:`NESOptions`).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Any
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
 from ..registry import ATTACKS
+from .entry import (
+    AttackCommon,
+    AttackEntry,
+    AttackInputs,
+    ParamSet,
+    cached_part,
+    masks,
+    mean,
+    split,
+)
 from .targets import AttackResult, Case, clean_logits, is_success, model_device, select_targets
-
-ParamSet = Literal["paper", "artifact"]
 
 
 class NESParams(BaseModel):
@@ -92,7 +103,6 @@ def nes_gradient(model: nn.Module, x: torch.Tensor, targets: torch.Tensor, *, qu
     return torch.einsum("bp,bp...->b...", diff, u) / (sigma * queries)
 
 
-@ATTACKS.register("nes", threat="black-box (scores)", norm="linf", source="PROTOCOLS 4")
 def nes(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *,
         targets: torch.Tensor | None = None, case: Case = "most", params: ParamSet = "paper",
         queries_per_estimate: int | None = None, iters: int | None = None,
@@ -167,3 +177,51 @@ def nes(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *,
         queries=torch.cat(out_q) if out_q else torch.zeros(0, dtype=torch.long),
         targets=targets.cpu(),
     )
+
+
+class NESOptions(BaseModel):
+    """The ``nes`` entry's options: ``queries_per_estimate`` None = the parameter set's
+    (``paper`` 400, ``artifact`` 100); the iterations are always the parameter set's
+    (``paper`` 3 most-likely / 7 least-likely, ``artifact`` 7). The smoke profile shrinks the
+    estimates (CPU time)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    queries_per_estimate: int | None = Field(None, ge=2)
+
+    @model_validator(mode="after")
+    def _even(self) -> NESOptions:
+        q = self.queries_per_estimate
+        if q is not None and q % 2:
+            raise ValueError(f"queries_per_estimate must be even (antithetic pairs), got {q}")
+        return self
+
+
+def run_nes(model: nn.Module, inputs: AttackInputs, common: AttackCommon, options: NESOptions,
+            ctx: Any, key: str) -> tuple[dict, dict]:
+    """Both cases of :func:`nes`: ``nes_asr_m``/``_l``; ``nes_queries_m``/``_l``, the mean
+    model queries per input, successful or not (1 clean query + (estimate + 1 success
+    check) per iteration run, at most :meth:`NESParams.max_queries`), and
+    ``nes_queries_success_m``/``_l``, the mean over the successful inputs (NaN if none)."""
+    metrics, arrays = {}, {}
+    for case, tag in (("most", "m"), ("least", "l")):
+        def run(case=case, tag=tag) -> dict:
+            r = nes(model, inputs.x, inputs.y, case=case, params=common.params,
+                    queries_per_estimate=options.queries_per_estimate, seed=common.seed)
+            q = r.queries.float()
+            return {f"nes_asr_{tag}": r.asr, f"nes_queries_{tag}": mean(q),
+                    f"nes_queries_success_{tag}": mean(q[r.success]), **masks(r, f"_{tag}")}
+        m, a = split(cached_part(ctx, key, case, run))
+        metrics.update(m)
+        arrays.update(a)
+        ctx.progress(f"nes {case}-likely: ASR {m[f'nes_asr_{tag}']:.3f}, "
+                     f"mean queries {m[f'nes_queries_{tag}']:.0f}")
+    return metrics, arrays
+
+
+ATTACKS.register("nes", AttackEntry(
+    run=run_nes, options=NESOptions,
+    metrics=("nes_asr_m", "nes_asr_l", "nes_queries_m", "nes_queries_l",
+             "nes_queries_success_m", "nes_queries_success_l"),
+    threat="black-box (scores)", source="PROTOCOLS 4; Ilyas et al. 2018",
+    description="NES score-based black-box targeted attack, most- and least-likely target"))

@@ -4,6 +4,10 @@ Threat model: white-box, L-inf ball of radius ``eps`` around a [0, 1] input, cla
 [0, 1]; targeted (most-/least-likely class, Pang et al., "On the Security Risks of AutoML",
 USENIX Security 2022, Sec. 4 and Table 3) or untargeted (the eps sweep and the overlap study).
 
+Registered in ATTACKS for the ``attack`` trial (:mod:`.entry`): ``pgd_targeted``
+(:func:`pgd_targeted_case`, both cases), ``pgd_sweep`` (:func:`pgd_eps_sweep`) and
+``pgd_overlap`` (:func:`pgd_overlap_attack` on model-independent inputs).
+
 Hand-written rather than ART's ``ProjectedGradientDescentPyTorch``: ``bench/bench_attacks.py``
 runs both on the same model and inputs. Measured on 2 CPU cores shared with other jobs (load
 average ~8, so timings are noisy; small CNN, 100-200 inputs): without random start and with
@@ -19,20 +23,27 @@ restarts only for inputs not yet fooled, and no numpy round trip per batch on a 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from ..registry import ATTACKS
+from .entry import (
+    AttackCommon,
+    AttackEntry,
+    AttackInputs,
+    ParamSet,
+    cached_part,
+    masks,
+    mean,
+    split,
+)
 from .targets import AttackResult, Case, clean_logits, is_success, model_device, select_targets
-
-ParamSet = Literal["paper", "artifact"]
 
 
 class PGDParams(BaseModel):
@@ -185,7 +196,6 @@ def _with_clean_query(r: AttackResult) -> AttackResult:
     return dataclasses.replace(r, queries=r.queries + 1)
 
 
-@ATTACKS.register("pgd_targeted", threat="white-box", norm="linf", source="PROTOCOLS 4")
 def pgd_targeted_case(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, case: Case = "most",
                       params: ParamSet = "paper", seed: int = 0,
                       batch_size: int = 256) -> AttackResult:
@@ -221,7 +231,6 @@ class EpsSweepResult:
                 for e, r in zip(self.eps, self.results, strict=True)}
 
 
-@ATTACKS.register("pgd_untargeted_sweep", threat="white-box", norm="linf", source="PROTOCOLS 4")
 def pgd_eps_sweep(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *,
                   eps_list: Sequence[float] = tuple(e / 255 for e in (1, 2, 4, 8, 16)),
                   step_ratio: float = 1 / 3, iters: int = 7, random_start: bool = True,
@@ -241,12 +250,12 @@ def pgd_eps_sweep(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *,
     return EpsSweepResult(eps=tuple(float(e) for e in eps_list), results=results)
 
 
-@ATTACKS.register("pgd_overlap", threat="white-box", norm="linf", source="PROTOCOLS 4")
 def pgd_overlap_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *,
                        eps: float = 4 / 255, case: Case = "least", params: ParamSet = "paper",
                        seed: int = 0, batch_size: int = 256) -> AttackResult:
     """Targeted PGD for the overlap study (PROTOCOLS 4 "PGD overlap": eps 4/255, least
-    likely); ``result.success`` is the per-input fooled mask for :func:`overlap_histogram`.
+    likely); ``result.success`` is the per-input fooled mask (the report counts, per input,
+    how many models fool it: :func:`nasrisk.analysis.reports.automl_data.overlap_counts`).
 
     Deviations: the protocol fixes only eps; the step keeps the paper's ratio step = eps/4
     and iterations/restarts are those of ``params`` for ``case``. Use the same inputs for
@@ -260,14 +269,84 @@ def pgd_overlap_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *,
         seed=seed, batch_size=batch_size))
 
 
-def overlap_histogram(masks_by_model: Mapping[str, torch.Tensor] | Sequence[torch.Tensor],
-                      ) -> np.ndarray:
-    """``counts[k]`` = number of inputs fooled by exactly ``k`` of the models (k = 0..M),
-    from one bool mask per model over the same inputs (Pang et al. 2022, Fig. 5)."""
-    masks = list(masks_by_model.values()) if isinstance(masks_by_model, Mapping) \
-        else list(masks_by_model)
-    if not masks:
-        raise ValueError("need at least one mask")
-    stacked = torch.stack([torch.as_tensor(m).bool().cpu() for m in masks])
-    per_input = stacked.sum(0)
-    return np.bincount(per_input.numpy(), minlength=len(masks) + 1)
+# -- the attack trial's PGD attacks (ATTACKS entries; see :mod:`.entry`) -----------------------
+
+SWEEP_EPS_255 = (1, 2, 4, 8, 16)  # PROTOCOLS 4, PGD untargeted sweep
+_CASES = (("most", "m"), ("least", "l"))
+
+
+def run_targeted(model: nn.Module, inputs: AttackInputs, common: AttackCommon, options: Any,
+                 ctx: Any, key: str) -> tuple[dict, dict]:
+    """Both targeted cases (:func:`pgd_targeted_case`): ``asr_m``/``asr_l`` and
+    ``pgd_queries_m``/``_l``, the mean model evaluations per input (1 clean query + one
+    forward pass per iterate judged)."""
+    metrics, arrays = {}, {}
+    for case, tag in _CASES:
+        def run(case=case, tag=tag) -> dict:
+            r = pgd_targeted_case(model, inputs.x, inputs.y, case=case, params=common.params,
+                                  seed=common.seed, batch_size=common.batch_size)
+            return {f"asr_{tag}": r.asr, f"pgd_queries_{tag}": mean(r.queries),
+                    **masks(r, f"_{tag}")}
+        m, a = split(cached_part(ctx, key, case, run))
+        metrics.update(m)
+        arrays.update(a)
+        ctx.progress(f"pgd {case}-likely: ASR {m[f'asr_{tag}']:.3f}")
+    return metrics, arrays
+
+
+def run_sweep(model: nn.Module, inputs: AttackInputs, common: AttackCommon, options: Any,
+              ctx: Any, key: str) -> tuple[dict, dict]:
+    """Untargeted PGD per eps of :data:`SWEEP_EPS_255` (:func:`pgd_eps_sweep`):
+    ``asr_eps_<k>`` and the per-input masks ``success_eps_<k>``."""
+    def run() -> dict:
+        r = pgd_eps_sweep(model, inputs.x, inputs.y, eps_list=tuple(e / 255 for e in SWEEP_EPS_255),
+                          seed=common.seed, batch_size=common.batch_size)
+        out: dict[str, Any] = dict(r.metrics(prefix="asr_eps_"))
+        for e, res in zip(SWEEP_EPS_255, r.results, strict=True):
+            out[f"success_eps_{e}"] = res.success.bool()
+        return out
+    metrics, arrays = split(cached_part(ctx, key, "sweep", run))
+    ctx.progress(f"pgd sweep: {metrics}")
+    return metrics, arrays
+
+
+def run_overlap(model: nn.Module, inputs: AttackInputs, common: AttackCommon, options: Any,
+                ctx: Any, key: str) -> tuple[dict, dict]:
+    """:func:`pgd_overlap_attack` on the correctly classified ones of the fixed inputs.
+
+    ``fooled[i]`` is True only when the victim classifies input ``i`` correctly before the
+    attack *and* the attack reaches its target: a misclassified input is not attacked and
+    counts as not fooled (``correct`` in the artifact tells them apart), so a model's count
+    of fooled inputs is never inflated by its clean errors. ``overlap_fooled`` = fooled / all
+    inputs, ``overlap_asr`` = fooled / correctly classified."""
+    correct = inputs.correct
+
+    def run() -> dict:
+        fooled = torch.zeros(len(correct), dtype=torch.bool)
+        targets = torch.full((len(correct),), -1, dtype=torch.long)
+        if correct.any():
+            r = pgd_overlap_attack(model, inputs.x[correct], inputs.y[correct],
+                                   params=common.params, seed=common.seed,
+                                   batch_size=common.batch_size)
+            fooled[correct] = r.success.bool()
+            targets[correct] = r.targets.long()
+        return {"overlap_fooled": mean(fooled), "overlap_clean_acc": mean(correct),
+                "overlap_asr": mean(fooled[correct]), "fooled": fooled, "targets": targets}
+    metrics, arrays = split(cached_part(ctx, key, "overlap", run))
+    ctx.progress(f"pgd overlap: {metrics}")
+    return metrics, arrays
+
+
+ATTACKS.register("pgd_targeted", AttackEntry(
+    run=run_targeted, metrics=("asr_m", "asr_l", "pgd_queries_m", "pgd_queries_l"),
+    threat="white-box", source="PROTOCOLS 4; Pang et al. 2022, Table 3",
+    description="targeted PGD, most- and least-likely target"))
+ATTACKS.register("pgd_sweep", AttackEntry(
+    run=run_sweep, metrics=tuple(f"asr_eps_{e}" for e in SWEEP_EPS_255),
+    threat="white-box", source="PROTOCOLS 4; Pang et al. 2022, Fig. 4",
+    description="untargeted PGD at eps 1, 2, 4, 8, 16 /255"))
+ATTACKS.register("pgd_overlap", AttackEntry(
+    run=run_overlap, metrics=("overlap_fooled", "overlap_clean_acc", "overlap_asr"),
+    inputs="fixed", artifact="overlap.npz", threat="white-box",
+    source="PROTOCOLS 4; Pang et al. 2022, Fig. 5",
+    description="targeted PGD (eps 4/255, least likely) on model-independent inputs"))

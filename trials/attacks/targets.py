@@ -45,17 +45,6 @@ class AttackResult:
     queries: torch.Tensor | None = None
     targets: torch.Tensor | None = None
 
-    def metrics(self, prefix: str = "") -> dict[str, float]:
-        """Scalar summary for logging: ASR, mean queries over all inputs and over the
-        successful ones."""
-        out = {f"{prefix}asr": self.asr}
-        if self.queries is not None:
-            q = self.queries.float()
-            out[f"{prefix}queries_mean"] = q.mean().item() if len(q) else float("nan")
-            ok = q[self.success]
-            out[f"{prefix}queries_success_mean"] = ok.mean().item() if len(ok) else float("nan")
-        return out
-
 
 def model_device(model: nn.Module) -> torch.device:
     """The device of the model's first parameter (CPU for a parameter-free model)."""
