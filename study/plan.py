@@ -2,6 +2,11 @@
 stage, each with a deterministic key (a hash of its study, stage, kind and full config) that
 names it in Ray Tune, in MLflow and in the stores. Nothing here runs a trial.
 
+A derived stage (``from: STAGE``) has no trials when planned: its :class:`StagePlan` holds a
+:class:`Derivation` (the selector, what to take from each selected item, an upper bound on
+its trials), checked here against the source stage's kind (its config fields and declared
+metric names) before Ray starts; :func:`derive_trials` expands it once the source is done.
+
 Beyond each trial kind's own config model, every planned config is checked for values no
 trial can run with: non-finite floats, integers past :data:`MAX_INT` (seeds: outside
 ``[0, 2**32)``, what torch and numpy both take), victims whose ``model_kwargs`` do not build a
@@ -10,10 +15,13 @@ network, and studies of more than :data:`MAX_TRIALS` trials (counted before any 
 
 from __future__ import annotations
 
+import collections.abc
+import copy
 import hashlib
 import itertools
 import json
 import math
+import typing
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,7 +32,15 @@ import nasrisk.trials  # noqa: F401  (registers every entry)
 from nasrisk.trials.errors import UserError
 from nasrisk.trials.registry import DATASETS, TRIAL_KINDS
 
-from .spec import Resources, StageSpec, StudySpec, deep_merge, format_validation_error
+from .selectors import SELECTORS, MissingValue, Selector, item_value, split_path
+from .spec import (
+    Resources,
+    StageOverride,
+    StageSpec,
+    StudySpec,
+    deep_merge,
+    format_validation_error,
+)
 
 #: trials one study may plan (all 15,625 NATS archs x a few settings fit; a typo'd grid of
 #: 2,000 x 2,000 values does not, and would take minutes just to be listed)
@@ -84,6 +100,33 @@ class Trial:
     stage: str
     kind: str
     config: dict[str, Any]
+    #: a derived trial: the MLflow run of the source trial it was selected from
+    source_run_id: str | None = None
+
+
+@dataclass(frozen=True)
+class Derivation:
+    """How a derived stage gets its trials once its source stage is done: each item the
+    selector picks becomes the case ``{target: item value at path}`` of ``take``, merged into
+    ``base`` and crossed with ``grid`` (then profile values are injected, as in any stage)."""
+
+    source: str
+    selector: str
+    select: BaseModel  # the selector's validated config
+    take: dict[str, str]
+    #: at most this many trials (selector bound x grid points); None: known once the source
+    #: stage has written the artifacts the selector reads
+    upper: int | None
+    base: dict[str, Any]
+    grid: dict[str, list[Any]]
+    inject: dict[str, Any]
+
+    def describe(self) -> str:
+        """``top_k (k=2, metric=value, mode=max); take index <- config.index``"""
+        fields = ", ".join(f"{k}={v}" for k, v in
+                           self.select.model_dump(exclude_defaults=True).items())
+        take = ", ".join(f"{t} <- {src}" for t, src in self.take.items()) or "nothing"
+        return f"{self.selector} ({fields}); take {take}"
 
 
 @dataclass
@@ -91,6 +134,8 @@ class StagePlan:
     spec: StageSpec
     resources: Resources
     trials: list[Trial] = field(default_factory=list)
+    #: set for a derived stage, whose ``trials`` are filled in when its source is done
+    derived: Derivation | None = None
 
 
 @dataclass
@@ -104,6 +149,15 @@ class StudyPlan:
     @property
     def n_trials(self) -> int:
         return sum(len(s.trials) for s in self.stages)
+
+    @property
+    def n_derived(self) -> int | None:
+        """The most trials the derived stages may add (None: not known before they run)."""
+        bounds = [s.derived.upper for s in self.stages if s.derived is not None]
+        return None if None in bounds else sum(b for b in bounds if b is not None)
+
+    def stage(self, name: str) -> StagePlan:
+        return next(s for s in self.stages if s.spec.name == name)
 
 
 def trial_key(study: str, stage: str, kind: str, config: dict[str, Any]) -> str:
@@ -124,13 +178,13 @@ def _set_dotted(cfg: dict[str, Any], dotted: str, value: Any, where: str) -> Non
     node[parts[-1]] = value
 
 
-def _check_grid_keys(grid: dict[str, list[Any]], where: str) -> None:
+def _check_grid_keys(grid: dict[str, list[Any]], where: str, what: str = "grid key") -> None:
     for a in grid:
         if not a or any(not part for part in a.split(".")):
-            raise UserError(f"{where}: grid key {a!r} is not a field name (or a dotted path)")
+            raise UserError(f"{where}: {what} {a!r} is not a field name (or a dotted path)")
         for b in grid:
             if b.startswith(a + "."):
-                raise UserError(f"{where}: grid keys {a!r} and {b!r} overlap (one sets a "
+                raise UserError(f"{where}: {what}s {a!r} and {b!r} overlap (one sets a "
                                 "field inside the other)")
 
 
@@ -223,8 +277,146 @@ def _n_archs(stage: StageSpec, opts: RunOptions, n_profile: int | None) -> int:
     return opts.num_archs or n_profile or s.count
 
 
+def _settings(st: StageSpec, over: StageOverride | None, prof_config: dict[str, Any],
+              opts: RunOptions, where: str) -> tuple[dict[str, Any], dict[str, list[Any]],
+                                                     Resources]:
+    """A stage's config (profile merged in), grid and resources under one profile."""
+    base = deep_merge(deep_merge(st.config, prof_config), over.config if over else {})
+    grid = {**st.grid, **(over.grid if over else {})}
+    _check_grid_keys(grid, where)
+    try:
+        res = Resources.model_validate({**st.resources.model_dump(),
+                                        **(over.resources if over else {})})
+    except ValidationError as e:
+        raise UserError(format_validation_error(e, f"{where}: resources")) from None
+    if opts.cpus_per_trial is not None or opts.gpus_per_trial is not None:
+        res = Resources(cpu=opts.cpus_per_trial or res.cpu,
+                        gpu=res.gpu if opts.gpus_per_trial is None else opts.gpus_per_trial)
+    return base, grid, res
+
+
+def _grid_points(base: dict[str, Any], case: dict[str, Any], grid: dict[str, list[Any]],
+                 model: type[BaseModel], inject: dict[str, Any],
+                 where: str) -> Iterator[dict[str, Any]]:
+    keys = list(grid)
+    for combo in itertools.product(*(grid[k] for k in keys)):
+        cfg = deep_merge(base, case)
+        for k, v in zip(keys, combo, strict=True):
+            _set_dotted(cfg, k, v, where)
+        _inject(cfg, model, inject)
+        yield cfg
+
+
+def _make_trials(study: str, st: StageSpec, kind: Any,
+                 configs: Iterator[tuple[dict[str, Any], str, str | None]],
+                 built: set[str]) -> list[Trial]:
+    """Validated, deduplicated, named trials from ``(config, where, source run id)``."""
+    trials = []
+    seen: set[str] = set()
+    for cfg, where, source in configs:
+        try:
+            valid = kind.config_model.model_validate(cfg)
+        except ValidationError as e:
+            raise UserError(format_validation_error(e, where)) from None
+        check_numbers(valid, where)
+        _dry_build_victims(valid, where, built)
+        canon = valid.model_dump(mode="json")
+        key = trial_key(study, st.name, st.kind, canon)
+        if key in seen:
+            continue
+        seen.add(key)
+        name = kind.trial_name(valid) or f"{st.name}-{len(trials)}"
+        if kind.name_prefix:  # "a0042 |nor_conv...": sorts, found at a glance
+            name = f"{kind.name_prefix}{len(trials):04d} {name}"
+        trials.append(Trial(key, name, st.name, st.kind, canon, source))
+    return trials
+
+
+def _selection(st: StageSpec, over: StageOverride | None,
+               where: str) -> tuple[str, Selector, BaseModel]:
+    """The derived stage's selector name, entry and validated config (profile fields merged
+    in)."""
+    assert st.select is not None
+    fields = {**st.select.fields, **(over.select if over else {})}
+    name = fields.pop("selector", st.select.selector)
+    if name not in SELECTORS:
+        raise UserError(f"{where}: select: unknown selector {name!r}; valid: "
+                        f"{', '.join(SELECTORS.names())}")
+    sel = SELECTORS.get(name)
+    try:
+        return name, sel, sel.validate(fields)
+    except ValidationError as e:
+        raise UserError(format_validation_error(e, f"{where}: select ({name})")) from None
+
+
+def _field_path(model: type[BaseModel], parts: list[str]) -> bool:
+    """Whether the dotted ``parts`` name a field of ``model`` (into nested config models;
+    anything below a plain dict or ``Any`` field is accepted)."""
+    info = model.model_fields.get(parts[0])
+    if info is None:
+        return False
+    if len(parts) == 1:
+        return True
+    opts = [info.annotation, *typing.get_args(info.annotation)]
+    for t in opts:
+        if isinstance(t, type) and issubclass(t, BaseModel) and _field_path(t, parts[1:]):
+            return True
+        if t is Any or t is dict or typing.get_origin(t) in (dict, collections.abc.Mapping):
+            return True
+    return False
+
+
+#: metrics the runner adds to every trial run (study/trainable.py), whatever its kind
+RUNNER_METRICS = ("time_total_s", "attempts")
+
+
+def _check_source_path(path: str, what: str, source: StageSpec, source_kind: Any,
+                       artifact: str | None, where: str) -> None:
+    """A path into the source stage's items names something its kind can have."""
+    try:
+        root, parts = split_path(path)
+    except ValueError as e:
+        raise UserError(f"{where}: {what}: {e}") from None
+    if root == "metrics":
+        names = (*source_kind.metric_names(), *RUNNER_METRICS)
+        if parts[0] not in names:
+            raise UserError(f"{where}: {what}: {source.kind} trials (stage {source.name}) log "
+                            f"no metric {parts[0]!r}; they log: {', '.join(names)}")
+    elif root == "config" and not _field_path(source_kind.config_model, parts):
+        raise UserError(f"{where}: {what}: {'.'.join(parts)!r} is not a config field of "
+                        f"{source.kind} (stage {source.name})")
+    elif root == "row" and artifact is None:
+        raise UserError(f"{where}: {what}: {path} reads artifact rows, but the selector reads "
+                        "no artifact (set select: artifact: FILE.json)")
+
+
+def _derivation(st: StageSpec, over: StageOverride | None, base: dict[str, Any],
+                grid: dict[str, list[Any]], inject: dict[str, Any], model: type[BaseModel],
+                earlier: dict[str, StagePlan], where: str) -> Derivation:
+    """Check a derived stage against its source (before Ray starts) and bound its trials."""
+    assert st.from_ is not None
+    src = earlier[st.from_]
+    src_kind = TRIAL_KINDS.get(src.spec.kind)
+    name, sel, cfg = _selection(st, over, where)
+    artifact = sel.artifact(cfg)
+    for path in sel.reads(cfg):
+        _check_source_path(path, "select", src.spec, src_kind, artifact, where)
+    for target, path in st.take.items():
+        _check_source_path(path, f"take {target}", src.spec, src_kind, artifact, where)
+    _check_grid_keys({**dict.fromkeys(st.take, [None]), **grid}, where, "take/grid key")
+    for target in st.take:
+        if not _field_path(model, target.split(".")):
+            raise UserError(f"{where}: take {target}: not a config field of {st.kind}")
+    n_src = len(src.trials) if src.derived is None else src.derived.upper
+    n_items = sel.max_trials(n_src, cfg)
+    n_grid = math.prod(len(v) for v in grid.values())
+    upper = None if n_items is None else n_items * n_grid
+    return Derivation(st.from_, name, cfg, dict(st.take), upper, base, grid, inject)
+
+
 def build_plan(spec: StudySpec, opts: RunOptions) -> StudyPlan:
-    """Expand every stage into validated trials (raises UserError on any bad value)."""
+    """Expand every stage into validated trials (raises UserError on any bad value); a
+    derived stage gets its :class:`Derivation`, checked, and no trials yet."""
     pname = spec.default_profile if opts.profile is None else opts.profile
     if pname not in spec.profiles:
         raise UserError(f"unknown profile {pname!r} for study {spec.name}; valid: "
@@ -235,7 +427,8 @@ def build_plan(spec: StudySpec, opts: RunOptions) -> StudyPlan:
     if dataset is not None and dataset not in DATASETS:
         DATASETS.get(dataset)  # raises the one-line error listing valid datasets
     seed = opts.seed if opts.seed is not None else prof.seed
-    stages = []
+    inject = {"dataset": dataset, "seed": seed, "params": params, "amp": opts.amp}
+    stages: dict[str, StagePlan] = {}
     n_total = 0
     built: set[str] = set()
     for st in spec.stages:
@@ -243,64 +436,69 @@ def build_plan(spec: StudySpec, opts: RunOptions) -> StudyPlan:
         kind = TRIAL_KINDS.get(st.kind)
         model = kind.config_model
         over = prof.stages.get(st.name)
-        base = deep_merge(deep_merge(st.config, prof.config), over.config if over else {})
-        grid = {**st.grid, **(over.grid if over else {})}
-        _check_grid_keys(grid, where)
-        try:
-            res = Resources.model_validate({**st.resources.model_dump(),
-                                            **(over.resources if over else {})})
-        except ValidationError as e:
-            raise UserError(format_validation_error(e, f"{where}: resources")) from None
-        if opts.cpus_per_trial is not None or opts.gpus_per_trial is not None:
-            res = Resources(cpu=opts.cpus_per_trial or res.cpu,
-                            gpu=res.gpu if opts.gpus_per_trial is None else opts.gpus_per_trial)
+        base, grid, res = _settings(st, over, prof.config, opts, where)
+        if st.from_ is not None:
+            d = _derivation(st, over, base, grid, inject, model, stages, where)
+            n_total += d.upper or 0
+            _check_total(n_total, where, "selected x grid")
+            stages[st.name] = StagePlan(st, res, [], d)
+            continue
         cases = (over.cases if over is not None and over.cases is not None else st.cases) or [{}]
-        keys = list(grid)
-        n_points = len(cases) * math.prod(len(grid[k]) for k in keys)
+        n_points = len(cases) * math.prod(len(v) for v in grid.values())
         n_archs = _n_archs(st, opts, prof.num_archs) if st.archs is not None else 1
         n_total += n_points * n_archs
-        if n_total > MAX_TRIALS:
-            raise UserError(f"{where}: the plan has {n_total:,} trials so far (cases x grid"
-                            f"{' x archs' if st.archs is not None else ''}), more than the "
-                            f"{MAX_TRIALS:,} one study may hold; shrink the grid or split "
-                            "the study")
-
-        def points(cases=cases, keys=keys, grid=grid, base=base, where=where,
-                   model=model) -> Iterator[dict[str, Any]]:
-            for case in cases:
-                for combo in itertools.product(*(grid[k] for k in keys)):
-                    cfg = deep_merge(base, case)
-                    for k, v in zip(keys, combo, strict=True):
-                        _set_dotted(cfg, k, v, where)
-                    _inject(cfg, model, {"dataset": dataset, "seed": seed, "params": params,
-                                     "amp": opts.amp})
-                    yield cfg
-
-        configs: Iterator[dict[str, Any]] = points()
+        _check_total(n_total, where, f"cases x grid{' x archs' if st.archs is not None else ''}")
+        configs: Iterator[dict[str, Any]] = (
+            cfg for case in cases for cfg in _grid_points(base, case, grid, model, inject, where))
         if st.archs is not None:
             archs = _archs(st, opts, prof.num_archs)
             pts = list(configs)
             configs = ({**p, "arch": a} for a in archs for p in pts)
-        trials = []
-        seen: set[str] = set()
-        for cfg in configs:
-            try:
-                valid = model.model_validate(cfg)
-            except ValidationError as e:
-                raise UserError(format_validation_error(e, where)) from None
-            check_numbers(valid, where)
-            _dry_build_victims(valid, where, built)
-            canon = valid.model_dump(mode="json")
-            key = trial_key(spec.name, st.name, st.kind, canon)
-            if key in seen:
-                continue
-            seen.add(key)
-            name = kind.trial_name(valid) or f"{st.name}-{len(trials)}"
-            if kind.name_prefix:  # "a0042 |nor_conv...": sorts, found at a glance
-                name = f"{kind.name_prefix}{len(trials):04d} {name}"
-            trials.append(Trial(key, name, st.name, st.kind, canon))
-        stages.append(StagePlan(st, res, trials))
-    return StudyPlan(spec, pname, params, opts, stages)
+        trials = _make_trials(spec.name, st, kind, ((c, where, None) for c in configs), built)
+        stages[st.name] = StagePlan(st, res, trials)
+    return StudyPlan(spec, pname, params, opts, list(stages.values()))
+
+
+def _check_total(n_total: int, where: str, how: str) -> None:
+    if n_total > MAX_TRIALS:
+        raise UserError(f"{where}: the plan has {n_total:,} trials so far ({how}), more than "
+                        f"the {MAX_TRIALS:,} one study may hold; shrink the grid or split the "
+                        "study")
+
+
+def item_label(item: dict[str, Any]) -> str:
+    """``calibrate-00003 (run 5f2c...)``, plus the row of an artifact row."""
+    row = f", row {item['row_index']}" if "row_index" in item else ""
+    return f"{item.get('name')} (run {item.get('run_id')}{row})"
+
+
+def derive_trials(plan: StudyPlan, stage: StagePlan, items: list[dict[str, Any]]) -> list[Trial]:
+    """The trials of the derived ``stage`` from its selected ``items`` (see
+    :mod:`nasrisk.study.selectors`): validated, keyed and named as :func:`build_plan` does, so
+    the same selection gives the same trials. UserError naming the stage and the item when a
+    value is missing or does not validate."""
+    d = stage.derived
+    assert d is not None
+    st = stage.spec
+    kind = TRIAL_KINDS.get(st.kind)
+    where = f"study {plan.spec.name}, profile {plan.profile}, stage {st.name}"
+    n_grid = math.prod(len(v) for v in d.grid.values())
+    _check_total(plan.n_trials + len(items) * n_grid, where, f"{len(items)} selected x grid")
+
+    def configs() -> Iterator[tuple[dict[str, Any], str, str | None]]:
+        for item in items:
+            at = f"{where}, selected {item_label(item)}"
+            case: dict[str, Any] = {}
+            for target, path in d.take.items():
+                try:
+                    value = item_value(item, path)
+                except MissingValue:
+                    raise UserError(f"{at}: take {target}: it has no {path}") from None
+                _set_dotted(case, target, copy.deepcopy(value), at)
+            for cfg in _grid_points(d.base, case, d.grid, kind.config_model, d.inject, at):
+                yield cfg, at, item.get("run_id")
+
+    return _make_trials(plan.spec.name, st, kind, configs(), set())
 
 
 def check_profiles(spec: StudySpec) -> None:
@@ -310,23 +508,31 @@ def check_profiles(spec: StudySpec) -> None:
         build_plan(spec, RunOptions(profile=pname))
 
 
-def copy_dict(d: dict[str, Any]) -> dict[str, Any]:
-    return json.loads(json.dumps(d))
-
-
-def count_trials(spec: StudySpec, profile: str) -> list[tuple[str, int]]:
+def count_trials(spec: StudySpec, profile: str) -> list[tuple[str, int | None]]:
     """``(stage, trials)`` of ``profile`` with no command-line overrides, counted from the
     cases, grid and archs alone, so without importing a trial kind (no torch: ``nasrisk
     studies`` answers at once). Equals :func:`build_plan`'s counts when no two grid points
-    validate to the same trial, as in every built-in study (tests/test_study_plan.py)."""
+    validate to the same trial, as in every built-in study (tests/test_study_plan.py). A
+    derived stage counts its upper bound (its :attr:`Derivation.upper`; None: not known
+    before its source has run)."""
     prof = spec.profiles[profile]
-    out = []
+    out: list[tuple[str, int | None]] = []
+    counts: dict[str, int | None] = {}
     for st in spec.stages:
         over = prof.stages.get(st.name)
         grid = {**st.grid, **(over.grid if over else {})}
-        cases = (over.cases if over is not None and over.cases is not None else st.cases) or [{}]
-        n = len(cases) * math.prod(len(v) for v in grid.values())
-        if st.archs is not None:
-            n *= _n_archs(st, RunOptions(profile=profile), prof.num_archs)
+        n_grid = math.prod(len(v) for v in grid.values())
+        n: int | None
+        if st.from_ is not None:
+            _, sel, cfg = _selection(st, over, f"study {spec.name}, stage {st.name}")
+            n_items = sel.max_trials(counts[st.from_], cfg)
+            n = None if n_items is None else n_items * n_grid
+        else:
+            cases = (over.cases if over is not None and over.cases is not None
+                     else st.cases) or [{}]
+            n = len(cases) * n_grid
+            if st.archs is not None:
+                n *= _n_archs(st, RunOptions(profile=profile), prof.num_archs)
+        counts[st.name] = n
         out.append((st.name, n))
     return out

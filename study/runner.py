@@ -12,14 +12,23 @@
   the checkpoints written after its last snapshot, and fail on ones it has since deleted.
 * One driver per workdir (:mod:`nasrisk.study.lock`); SIGINT / SIGTERM and a store that
   vanishes or turns read-only stop the study cleanly (:mod:`nasrisk.study.guard`).
+* A stage runs once every stage it ``needs`` (or derives ``from``) is complete, every trial
+  done; otherwise it is skipped with one line, and stages that do not need the incomplete one
+  still run. A derived stage gets its trials when it is reached: the runner turns its source
+  stage's finished runs into items (:mod:`nasrisk.study.selectors`; configs from the plan,
+  metrics and artifacts from MLflow), the selector picks some, and
+  :func:`~nasrisk.study.plan.derive_trials` keys them, so ``resume`` selects the same trials.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
+import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib.metadata import version
 from pathlib import Path
@@ -30,10 +39,18 @@ from nasrisk.trials.errors import UserError
 from .commands import shell_command
 from .guard import StudyGuard, StudyInterrupted, tune_stopper
 from .lock import WorkdirLock
-from .plan import RunOptions, StagePlan, StudyPlan
+from .plan import RunOptions, StagePlan, StudyPlan, derive_trials
 from .probes import check_trial_resources, sqlite_path
-from .spec import spec_to_yaml
-from .tracking import default_tracking_uri, done_runs, ensure_experiment, failed_runs, git_commit
+from .selectors import SELECTORS
+from .spec import StageSpec, spec_to_yaml
+from .tracking import (
+    client,
+    default_tracking_uri,
+    done_runs,
+    ensure_experiment,
+    failed_runs,
+    git_commit,
+)
 from .workdir import Workdir
 
 os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
@@ -58,6 +75,8 @@ class StageOutcome:
     seconds: float = 0.0
     #: trial name -> first line of the error its MLflow run holds (failed trials with a run)
     errors: dict[str, str] = field(default_factory=dict)
+    #: why the stage did not run ("needs victims (3 trials failed)"); None when it ran
+    blocked: str | None = None
 
 
 @dataclass
@@ -70,6 +89,12 @@ class StudyOutcome:
     @property
     def failed(self) -> int:
         return sum(len(s.failed) for s in self.stages)
+
+    @property
+    def skipped(self) -> list[str]:
+        """Stages that did not run because a stage they need is incomplete (so some trial
+        failed too: ``failed`` > 0 whenever this is not empty)."""
+        return [s.stage for s in self.stages if s.blocked is not None]
 
 
 def init_ray(address: str | None) -> None:
@@ -115,7 +140,8 @@ def trial_name(trial: Any) -> str:
 
 def _payload(trials: list[Any]) -> list[dict[str, Any]]:
     """What Tune's grid runs over: one entry per trial to run."""
-    return [{"key": t.key, "name": t.name, "stage": t.stage, "kind": t.kind, "config": t.config}
+    return [{"key": t.key, "name": t.name, "stage": t.stage, "kind": t.kind, "config": t.config,
+             **({"source_run_id": t.source_run_id} if t.source_run_id else {})}
             for t in trials]
 
 
@@ -240,20 +266,106 @@ def _run_study(plan: StudyPlan, wd: Workdir, uri: str, address: str | None,
         "data_root": str(data), "download": download,
     })
     wd.save_run_record(plan.spec.name, record)
+
+    def run_one(stage: StagePlan) -> StageOutcome:
+        out = _run_stage(plan, stage, uri=uri, exp_id=exp_id, wd=wd, data_root=data,
+                         download=download, record=record, address=address, guard=guard)
+        wd.save_run_record(plan.spec.name, record)
+        return out
+
+    outcomes = run_stages(plan, run_one, lambda st: source_items(plan, st, uri, exp_id),
+                          guard.resume_hint)
+    return StudyOutcome(plan.spec.name, uri, exp_id, outcomes)
+
+
+def blocked_by(spec: StageSpec, incomplete: dict[str, str]) -> str | None:
+    """Why ``spec`` cannot run: the stages it needs or derives from that are not complete
+    (``incomplete``: stage -> why), or None."""
+    needs = list(dict.fromkeys([*spec.needs, *([spec.from_] if spec.from_ else [])]))
+    missing = [f"{n} ({incomplete[n]})" for n in needs if n in incomplete]
+    return f"needs {', '.join(missing)}" if missing else None
+
+
+def run_stages(plan: StudyPlan, run_stage: Callable[[StagePlan], StageOutcome],
+               items_of: Callable[[StagePlan], list[dict[str, Any]]],
+               resume_hint: str) -> list[StageOutcome]:
+    """Every stage in order: skipped (one line) when a stage it needs is incomplete; a derived
+    stage first gets its trials from ``items_of`` (its source's finished results) and its
+    selector. ``run_stage`` runs one stage's trials."""
+    incomplete: dict[str, str] = {}
     outcomes = []
     for stage in plan.stages:
-        out = _run_stage(plan, stage, uri=uri, exp_id=exp_id, wd=wd, data_root=data,
-                         download=download, record=record,
-                         address=address, guard=guard)
-        wd.save_run_record(plan.spec.name, record)
+        name = stage.spec.name
+        label = f"{plan.spec.name}/{name}"
+        why = blocked_by(stage.spec, incomplete)
+        if why is not None:
+            print(f"[{label}] skipped: {why}", file=sys.stderr, flush=True)
+            incomplete[name] = "skipped"
+            outcomes.append(StageOutcome(name, len(stage.trials), 0, 0, blocked=why))
+            continue
+        if stage.derived is not None:
+            _derive(plan, stage, items_of(stage), label)
+        out = run_stage(stage)
         outcomes.append(out)
         if out.failed:
-            print(f"[{plan.spec.name}/{stage.spec.name}] {_failure_line(out)}; "
-                  f"`{guard.resume_hint}` retries them", file=sys.stderr)
-            if stage is not plan.stages[-1]:
-                print("later stages need this one complete: stopping here", file=sys.stderr)
-                break
-    return StudyOutcome(plan.spec.name, uri, exp_id, outcomes)
+            print(f"[{label}] {_failure_line(out)}; `{resume_hint}` retries them",
+                  file=sys.stderr, flush=True)
+            incomplete[name] = f"{len(out.failed)} trials failed"
+    return outcomes
+
+
+def _derive(plan: StudyPlan, stage: StagePlan, items: list[dict[str, Any]], label: str) -> None:
+    d = stage.derived
+    assert d is not None
+    chosen = SELECTORS.get(d.selector).select(items, d.select)
+    stage.trials = derive_trials(plan, stage, chosen)
+    what = "rows" if SELECTORS.get(d.selector).artifact(d.select) else "results"
+    print(f"[{label}] derived {len(stage.trials)} trials from {d.source}: {len(chosen)} of "
+          f"{len(items)} {what} selected by {d.describe()}", flush=True)
+
+
+def source_items(plan: StudyPlan, stage: StagePlan, uri: str,
+                 exp_id: str) -> list[dict[str, Any]]:
+    """The items a derived stage selects from (:mod:`nasrisk.study.selectors`): its source
+    stage's finished trials in plan order (config from the plan, metrics from MLflow), or the
+    rows of the artifact the selector reads, fetched from each of their runs."""
+    d = stage.derived
+    assert d is not None
+    src = plan.stage(d.source)
+    runs = done_runs(uri, exp_id, d.source)
+    artifact = SELECTORS.get(d.selector).artifact(d.select)
+    items: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="nasrisk-select-") as tmp:
+        for i, t in enumerate(src.trials):
+            r = runs.get(t.key)
+            if r is None:  # not done: the stage would have been skipped
+                continue
+            item = {"key": t.key, "run_id": r.info.run_id, "name": t.name, "index": i,
+                    "config": t.config, "metrics": dict(r.data.metrics)}
+            if artifact is None:
+                items.append(item)
+                continue
+            rows = _artifact_rows(uri, r.info.run_id, artifact, Path(tmp) / str(i),
+                                  f"stage {stage.spec.name}: {d.source} trial {t.name} (run "
+                                  f"{r.info.run_id})")
+            items.extend({**item, "row": row, "row_index": j} for j, row in enumerate(rows))
+    return items
+
+
+def _artifact_rows(uri: str, run_id: str, artifact: str, dst: Path,
+                   where: str) -> list[dict[str, Any]]:
+    """The rows (a JSON list of objects) of one run's artifact; UserError when it is missing
+    or holds something else."""
+    dst.mkdir(parents=True)
+    try:
+        path = client(uri).download_artifacts(run_id, artifact, str(dst))
+        rows = json.loads(Path(path).read_text())
+    except Exception as e:  # noqa: BLE001 - missing, unreadable or not JSON: one line
+        first = (str(e).splitlines() or [type(e).__name__])[0][:200]
+        raise UserError(f"{where}: cannot read its artifact {artifact} ({first})") from None
+    if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+        raise UserError(f"{where}: artifact {artifact} is not a JSON list of objects (rows)")
+    return rows
 
 
 def _failure_line(out: StageOutcome) -> str:

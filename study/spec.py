@@ -30,6 +30,7 @@ from pydantic import (
     ValidationError,
     field_serializer,
     field_validator,
+    model_serializer,
 )
 
 from nasrisk.trials.errors import UserError
@@ -64,8 +65,28 @@ class ArchSampling(BaseModel):
     distinct: Literal["isomorphism", "string"] = "isomorphism"
 
 
+class SelectSpec(BaseModel):
+    """``select:`` of a derived stage: a selector's name (an entry of
+    :data:`nasrisk.study.selectors.SELECTORS`) and that selector's own fields, validated
+    against its config model when the study is planned."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+    selector: str = Field(min_length=1)
+
+    @property
+    def fields(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
 class StageSpec(BaseModel):
-    model_config = STRICT
+    """One stage. A *derived* stage says ``from: STAGE`` (an earlier stage), ``select`` (which
+    of its finished trials, see :mod:`nasrisk.study.selectors`) and ``take`` (this stage's
+    config field -> a path into each selected item: ``config.FIELD``, ``metrics.NAME``,
+    ``key``, ``run_id``, ``row.FIELD``); each selected item is one case, crossed with the
+    grid."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_by_name=True,
+                              validate_by_alias=True, serialize_by_alias=True)
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]*$")
     kind: str
     description: str = ""
@@ -76,7 +97,23 @@ class StageSpec(BaseModel):
     cases: list[dict[str, Any]] = []
     grid: dict[str, Annotated[list[Any], Field(min_length=1)]] = {}
     archs: ArchSampling | None = None
-    needs: list[str] = []  # earlier stages whose outputs this stage reads
+    #: earlier stages that must be complete (every trial done) before this one runs
+    needs: list[str] = []
+    from_: str | None = Field(None, alias="from")
+    select: SelectSpec | None = None
+    take: dict[str, str] = {}
+
+    @model_serializer(mode="wrap")
+    def _omit_unused_derivation(self, handler: Any) -> dict[str, Any]:
+        # `from: null`, `select: null`, `take: {}` on every plain stage would be noise in
+        # `nasrisk studies --show`
+        out = handler(self)
+        for k in ("from", "from_", "select"):
+            if k in out and out[k] is None:
+                del out[k]
+        if out.get("take") == {}:
+            del out["take"]
+        return out
 
 
 class StageOverride(BaseModel):
@@ -88,6 +125,8 @@ class StageOverride(BaseModel):
     cases: list[dict[str, Any]] | None = None
     grid: dict[str, Annotated[list[Any], Field(min_length=1)]] = {}
     resources: dict[str, Any] = {}
+    #: a derived stage's selector fields (``{k: 10}``) merged into its ``select``
+    select: dict[str, Any] = {}
 
 
 class ProfileSpec(BaseModel):
@@ -289,12 +328,44 @@ def validate_spec(raw: Any, where: str) -> StudySpec:
             if need not in names[:i]:
                 raise UserError(f"{where}: stage {s.name} needs {need!r}, which is not an "
                                 "earlier stage")
+        _check_derivation(s, names[:i], names, where)
     for pname, prof in spec.profiles.items():
-        for sname in prof.stages:
+        for sname, over in prof.stages.items():
             if sname not in names:
                 raise UserError(f"{where}: profile {pname} overrides unknown stage {sname!r}; "
                                 f"stages: {', '.join(names)}")
+            derived = spec.stages[names.index(sname)].from_ is not None
+            if derived and over.cases is not None:
+                raise UserError(f"{where}: profile {pname}: stage {sname} is derived (its "
+                                "cases are the selected results); it takes no cases")
+            if not derived and over.select:
+                raise UserError(f"{where}: profile {pname}: stage {sname} sets select, but "
+                                "it has no from: STAGE")
     return spec
+
+
+def _check_derivation(s: StageSpec, earlier: list[str], names: list[str], where: str) -> None:
+    """``from`` names an earlier stage and comes with ``select``; a derived stage has no
+    ``cases`` or ``archs`` (its cases are the selected results); ``select`` and ``take``
+    only come with ``from``."""
+    at = f"{where}: stage {s.name}"
+    if s.from_ is None:
+        if s.select is not None or s.take:
+            raise UserError(f"{at}: {'select' if s.select is not None else 'take'} needs "
+                            "from: STAGE (the earlier stage to select from)")
+        return
+    if s.from_ not in names:
+        raise UserError(f"{at}: from {s.from_!r}: no such stage; stages: {', '.join(names)}")
+    if s.from_ not in earlier:
+        raise UserError(f"{at}: from {s.from_!r}: not an earlier stage (a stage derives only "
+                        "from stages listed before it)")
+    if s.select is None:
+        raise UserError(f"{at}: from {s.from_} needs select: {{selector: NAME, ...}} "
+                        "(e.g. best, top_k, every_kth, each_result)")
+    for name in ("cases", "archs"):
+        if getattr(s, name):
+            raise UserError(f"{at}: a derived stage (from {s.from_}) takes its cases from "
+                            f"the selected results; it has no {name}")
 
 
 class _Dumper(yaml.SafeDumper):
@@ -313,7 +384,7 @@ _Dumper.add_representer(str, _str)
 def spec_to_yaml(spec: StudySpec) -> str:
     """The spec as a study file (``spec_from_yaml`` reads it back to an equal spec); long
     strings stay on one line."""
-    return yaml.dump(spec.model_dump(mode="json"), Dumper=_Dumper, sort_keys=False,
+    return yaml.dump(spec.model_dump(mode="json", by_alias=True), Dumper=_Dumper, sort_keys=False,
                      width=10_000, allow_unicode=True)
 
 
