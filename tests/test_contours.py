@@ -97,5 +97,5 @@ def test_even_steps_rejected_and_registered(trained):
     model, x, y = trained
     with pytest.raises(ValueError):
         loss_contour_input(model, x[0], y[0], steps=4)
-    assert METRICS.get("loss_contour_params") is loss_contour_params
-    assert METRICS.get("loss_contour_input") is loss_contour_input
+    assert METRICS.get("loss_contour_params").fn is loss_contour_params
+    assert METRICS.get("loss_contour_input").fn is loss_contour_input

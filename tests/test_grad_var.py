@@ -89,7 +89,7 @@ def test_identical_samples_have_zero_variance(setup):
     model, x, y = setup
     xs, ys = x[:1].repeat(6, 1, 1, 1), y[:1].repeat(6)
     assert gradient_variance(model, xs, ys) == pytest.approx(0.0, abs=1e-9)
-    assert METRICS.get("grad_var") is gradient_variance
+    assert METRICS.get("grad_var").fn is gradient_variance
 
 
 def test_kaiming_init_is_deterministic_he_normal():

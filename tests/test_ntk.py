@@ -427,7 +427,7 @@ def test_kappa_scores_reproducible_and_median():
     assert a["kappa_generator_flagged"] == sum(r.flagged for r in singles) / 3
     other = kappa_scores(tiny_classifier, x, variants=("bare",), n_init=1, seed=99)
     assert other["kappa_bare"] != a["kappa_bare"]
-    assert METRICS.get("kappa") is kappa_scores
+    assert METRICS.get("kappa").fn is kappa_scores
 
 
 def test_te_nas_matches_brute_force(nets):
@@ -443,7 +443,7 @@ def test_te_nas_matches_brute_force(nets):
             )
         gm = torch.stack(rows)
         assert close(te_nas_score(f, x, bn_mode=mode), brute_kappa(gm @ gm.T), 1e-8)
-    assert METRICS.get("te_nas") is te_nas_score
+    assert METRICS.get("te_nas").fn is te_nas_score
 
 
 def _depth_and_fan_in(module: nn.Module, x: torch.Tensor) -> tuple[int, int]:

@@ -16,8 +16,14 @@ What an entry takes and returns, per registry:
   work in [0, 1] pixel space.
 * ``DATASETS``: ``loader(*, root: Path, download: bool) -> ImageData`` (all splits in memory,
   uint8 ``(N, 3, H, W)`` images and int64 labels) with a :class:`DatasetInfo` as ``.info``.
-* ``ATTACKS``: ``attack(model, x, y, *, ...) -> AttackResult`` (keyword-only options with defaults).
-* ``METRICS``: ``metric(model, ... ) -> float | dict`` measured on a model/data.
+* ``ATTACKS``: an :class:`~nasrisk.trials.attacks.entry.AttackEntry` (the function that runs
+  the attack part of an ``attack`` trial ``(model, inputs, common, options, ctx, key) ->
+  (metrics, arrays)``, its options model, the metric names it returns, which test inputs it
+  attacks, threat model and source); the plain attack functions it wraps
+  (``pgd_targeted_case(model, x, y, *, ...) -> AttackResult``) stay callable on their own.
+* ``METRICS``: a :class:`~nasrisk.trials.metrics.entry.MetricEntry` (the function
+  ``metric(model, ...) -> float | dict | result``, its config model, the names it returns,
+  source).
 * ``TRIAL_KINDS``: a :class:`~nasrisk.trials.kinds.base.TrialKind` (function
   ``config, ctx -> metrics``, config model, metric names, run naming).
 * ``STEP_KINDS``: a lineage step kind (:mod:`nasrisk.trials.lineage`): its typed config and the
@@ -120,9 +126,8 @@ class Registry(Generic[T]):
 
 MODELS: Registry[Callable[..., Any]] = Registry("model", ("nasrisk.trials.models",))
 DATASETS: Registry[Callable[..., Any]] = Registry("dataset", ("nasrisk.trials.data",))
-ATTACKS: Registry[Callable[..., Any]] = Registry(
-    "attack", ("nasrisk.trials.attacks", "nasrisk.trials.poison"))
-METRICS: Registry[Callable[..., Any]] = Registry("metric", ("nasrisk.trials.metrics",))
+ATTACKS: Registry[Any] = Registry("attack", ("nasrisk.trials.attacks",))  # AttackEntry
+METRICS: Registry[Any] = Registry("metric", ("nasrisk.trials.metrics",))  # MetricEntry
 TRIAL_KINDS: Registry[Any] = Registry("trial kind", ("nasrisk.trials.kinds",))
 STEP_KINDS: Registry[Any] = Registry("step kind", ("nasrisk.trials.steps",))
 

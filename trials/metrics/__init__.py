@@ -1,3 +1,13 @@
-"""Measurements of a model (kappa, gradient variance, loss contours, ...)."""
+"""Measurements of a model (kappa, gradient variance, loss contours, ...). Importing this
+package imports every module in it, which registers the module's metrics in METRICS as
+:class:`~.entry.MetricEntry` (a new metric is one module holding its registration)."""
 
-from . import contours, grad_var, ntk  # noqa: F401  (register)
+import importlib
+import pkgutil
+
+from .entry import MetricEntry
+
+for _m in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_m.name}")
+
+__all__ = ["MetricEntry"]

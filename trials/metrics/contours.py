@@ -26,11 +26,13 @@ from typing import Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import nn
 from torch.func import functional_call
 
 from ..data.base import to_float
 from ..registry import METRICS
+from .entry import MetricEntry
 
 
 @dataclass(frozen=True)
@@ -85,7 +87,6 @@ def first_conv(model: nn.Module) -> str:
     raise ValueError("the model has no nn.Conv2d layer")
 
 
-@METRICS.register("loss_contour_params", source="PROTOCOLS 4")
 @torch.no_grad()
 def loss_contour_params(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *,
                         span: float = 0.5, steps: int = 21, seed: int = 0,
@@ -118,7 +119,6 @@ def loss_contour_params(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *,
     return ContourGrid(alphas, betas, losses, "params")
 
 
-@METRICS.register("loss_contour_input", source="PROTOCOLS 4")
 @torch.no_grad()
 def loss_contour_input(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *,
                        span: float = 0.2, steps: int = 21, seed: int = 0,
@@ -169,3 +169,44 @@ def plot_contour(grid: ContourGrid, path: str | Path, *, levels: int = 20,
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     return path
+
+
+class _Odd(BaseModel):
+    @field_validator("steps", check_fields=False)
+    @classmethod
+    def _odd(cls, v: int) -> int:
+        _grid(1.0, v)  # the function's own check: odd, so the grid has a centre
+        return v
+
+
+class ContourParamsConfig(_Odd):
+    """:func:`loss_contour_params`'s options (its defaults)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    span: float = Field(0.5, gt=0)
+    steps: int = Field(21, ge=1)
+    seed: int = 0
+    layer: str | None = None
+
+
+class ContourInputConfig(_Odd):
+    """:func:`loss_contour_input`'s options (its defaults)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    span: float = Field(0.2, gt=0)
+    steps: int = Field(21, ge=1)
+    seed: int = 0
+    batch_size: int = Field(512, ge=1)
+
+
+# the summary scalars are the victim kind's names: the loss at the grid's centre
+METRICS.register("loss_contour_params", MetricEntry(
+    fn=loss_contour_params, config=ContourParamsConfig, takes=("model", "x", "y"),
+    metrics=("contour_params_centre",),
+    summarize=lambda g: {"contour_params_centre": g.centre}, source="PROTOCOLS 4"))
+METRICS.register("loss_contour_input", MetricEntry(
+    fn=loss_contour_input, config=ContourInputConfig, takes=("model", "x", "y"),
+    metrics=("contour_input_centre",),
+    summarize=lambda g: {"contour_input_centre": g.centre}, source="PROTOCOLS 4"))

@@ -21,11 +21,13 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 from torch.func import functional_call, grad, replace_all_batch_norm_modules_, vmap
 
 from ..data.base import to_float
 from ..registry import METRICS
+from .entry import MetricEntry
 
 ParamSet = Literal["paper", "artifact"]
 BNMode = Literal["eval", "per_sample"]
@@ -123,7 +125,6 @@ def _moments(chunks: Iterator[torch.Tensor], clip: float | None,
     return n, mean, m2
 
 
-@METRICS.register("grad_var", source="PROTOCOLS 4, Pang et al. 2022 Eq. 14")
 def gradient_variance(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *,
                       params: ParamSet = "paper", n_samples: int | None = None,
                       clip: float | None = None, bn: BNMode = "eval", chunk: int = 32,
@@ -151,3 +152,21 @@ def gradient_variance(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *,
     if params == "paper":
         return (m2.sum() / n).item()
     return (m2 / n).clamp(min=0).sqrt().sum().item()
+
+
+class GradVarConfig(BaseModel):
+    """:func:`gradient_variance`'s options (its defaults)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    params: ParamSet = "paper"
+    n_samples: int | None = Field(None, ge=1)
+    clip: float | None = Field(None, gt=0)
+    bn: BNMode = "eval"
+    chunk: int = Field(32, ge=1)
+    seed: int = 0
+
+
+METRICS.register("grad_var", MetricEntry(
+    fn=gradient_variance, config=GradVarConfig, takes=("model", "x", "y"),
+    metrics=("grad_var",), source="PROTOCOLS 4, Pang et al. 2022 Eq. 14"))

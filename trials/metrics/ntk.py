@@ -2,7 +2,8 @@
 AutoML: Towards Architectural Backdoor Search", ICLR 2023, Eq. 6; PROTOCOLS 5 "Score kappa"),
 and the TE-NAS condition number (Chen et al., ICLR 2021) as an extra metric.
 
-Registered in METRICS: ``"kappa"`` -> :func:`kappa_scores`, ``"te_nas"`` -> :func:`te_nas_score`.
+Registered in METRICS (a :class:`~.entry.MetricEntry` each): ``"kappa"`` -> :func:`kappa_scores`,
+``"te_nas"`` -> :func:`te_nas_score`.
 """
 
 from __future__ import annotations
@@ -11,12 +12,15 @@ import math
 import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from ..errors import UserError
 from ..registry import METRICS
+from .entry import MetricEntry
 from .ntk_kernel import (
     BNMode,
     Composed,
@@ -178,8 +182,36 @@ def te_nas_score(
     return condition_number(sample_kernel(composed, x, names, bn_mode=bn_mode)).kappa
 
 
-METRICS.register("kappa", kappa_scores, paper="EVAS (Pang et al., ICLR 2023) Eq. 6")
-METRICS.register("te_nas", te_nas_score, paper="TE-NAS (Chen et al., ICLR 2021)")
+class KappaConfig(BaseModel):
+    """:func:`kappa_scores`'s options (its defaults)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    variants: tuple[Literal["generator", "arch", "bare"], ...] = VARIANTS
+    n_init: int = Field(3, ge=1)
+    seed: int = 0
+    bn_mode: BNMode = "eval"
+
+
+class TeNasConfig(BaseModel):
+    """:func:`te_nas_score`'s options (its defaults; ``param_filter`` is code, not config)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    bn_mode: BNMode = "coupled"
+
+
+def _kappa_names(cfg: KappaConfig) -> tuple[str, ...]:
+    return tuple(n for v in cfg.variants for n in (f"kappa_{v}", f"kappa_{v}_flagged"))
+
+
+METRICS.register("kappa", MetricEntry(
+    fn=kappa_scores, config=KappaConfig, takes=("build_classifier", "x", "build_generator"),
+    metrics=_kappa_names(KappaConfig()), metrics_for=_kappa_names,
+    source="EVAS (Pang et al., ICLR 2023) Eq. 6; PROTOCOLS 5"))
+METRICS.register("te_nas", MetricEntry(
+    fn=te_nas_score, config=TeNasConfig, takes=("classifier", "x"), metrics=("te_nas",),
+    source="TE-NAS (Chen et al., ICLR 2021), Sec. 3.1.1"))
 
 __all__ = [
     "KappaResult",
