@@ -12,9 +12,9 @@ from nasrisk.trials.models.wrapper import Normalized
 from nasrisk.trials.poison.label_flip import (
     clean_accuracy_drop,
     flip_labels,
-    poisoned_test_accuracy,
 )
-from nasrisk.trials.train import TrainConfig
+from nasrisk.trials.registry import STEP_KINDS
+from nasrisk.trials.train import TrainConfig, train
 
 
 def labels(n=1000, k=10, seed=0):
@@ -60,9 +60,8 @@ def test_bad_fraction_raises():
         flip_labels(labels(), fraction=1.5, num_classes=10, seed=0)
 
 
-def test_registered_and_cad():
-    assert ATTACKS.get("label_flip") is flip_labels
-    assert ATTACKS.meta("label_flip")["kind"] == "poison"
+def test_a_lineage_step_not_an_attack_and_cad():
+    assert "label_flip" not in ATTACKS and "label_flip" in STEP_KINDS
     assert clean_accuracy_drop(0.9, 0.75) == pytest.approx(0.15)
 
 
@@ -80,8 +79,9 @@ def _cad_curve(fractions, n_train, epochs):
     cfg = TrainConfig(epochs=epochs, batch_size=32, lr=0.1, augment="none", amp=False,
                       eval_each_epoch=False)
     ctx = TrialContext(device="cpu")
-    accs = [poisoned_test_accuracy(build, data, fraction=p, seed=0, ctx=ctx, cfg=cfg)
-            for p in fractions]
+    accs = [train(build(), data, cfg, seed=0, ctx=ctx, state_key=f"label_flip_{p:g}",
+                  labels=flip_labels(data.y_train, fraction=p, num_classes=10, seed=0),
+                  )["test_acc"] for p in fractions]
     return [clean_accuracy_drop(accs[0], a) for a in accs]
 
 

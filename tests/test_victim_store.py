@@ -62,7 +62,7 @@ def test_key_is_stable_and_changes_with_every_weight_determining_field():
         "dataset": dict(dataset="cifar10"),
         "params": dict(params="artifact"),
         "train": dict(train=TINY_TRAIN.model_copy(update={"lr": 0.1})),
-        "poison_fraction": dict(poison_fraction=0.1),
+        "steps": dict(poison_fraction=0.1),
         "seed": dict(seed=1),
         "max_train_examples": dict(max_train_examples=256),
         "amp": dict(amp="bf16"),
@@ -76,6 +76,15 @@ def test_key_is_stable_and_changes_with_every_weight_determining_field():
     assert tiny_spec(max_test_examples=10).key() == key
     cfg = VictimConfig(**spec.model_dump(), measure_grad_var=False, contours=False)
     assert cfg.key() == key and cfg.spec() == spec
+
+    # a base's key is the victim key from before lineages (70b4e12's VictimSpec.key()), so
+    # stored clean victims are reused without retraining; likewise the pre-lineage key of a
+    # poisoned victim, from which the store migrates it
+    assert key == "699042888b370ce5"
+    assert VictimSpec(model="darts").key() == "b6f435f84a55396c"
+    assert tiny_spec(poison_fraction=0.25).legacy_key() == "5184e5a629c929fa"
+    assert VictimSpec(model="darts", poison_fraction=0.1).legacy_key() == "f01f307b62f7bdfc"
+    assert spec.legacy_key() is None
 
     # train=None resolves to the parameter set's recipe
     assert tiny_spec(train=None).key() == tiny_spec(train=DARTS_PAPER).key()
@@ -92,8 +101,14 @@ def test_spec_validation():
         tiny_spec(model="resnet18", model_kwargs={"C": 4})
     with pytest.raises(ValidationError, match="may not set"):
         tiny_spec(model="darts", model_kwargs={"params": "paper"})
-    with pytest.raises(ValidationError):
+    with pytest.raises(ValidationError, match="poison_fraction"):
         tiny_spec(poison_fraction=1.0)
+    with pytest.raises(ValidationError, match="unknown step kind 'nope'"):
+        tiny_spec(steps=[{"kind": "nope"}])
+    with pytest.raises(ValidationError, match="step fine_tune: lrr"):
+        tiny_spec(steps=[{"kind": "fine_tune", "lrr": 0.1}])
+    with pytest.raises(ValidationError, match="only be the first step"):
+        tiny_spec(steps=[{"kind": "fine_tune"}, {"kind": "label_flip", "fraction": 0.1}])
     with pytest.raises(ValidationError):
         tiny_spec(extra_field=1)
 

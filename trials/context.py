@@ -70,6 +70,21 @@ class TrialContext:
         self._artifact_dir.mkdir(parents=True, exist_ok=True)
         return self._artifact_dir
 
+    # -- stored models and objects ---------------------------------------------------------
+    def model_run(self, key: str, *, name: str, parent_key: str, step_kind: str,
+                  params: Mapping[str, Any], metrics: Mapping[str, float],
+                  parent_run_id: str | None = None) -> str | None:
+        """Record the store entry ``key`` that this trial is about to commit (a base model, one
+        lineage step, or an object) as its own tracked run, linked to its parent's run, and
+        return the run's id (kept in the entry's record), or None when nothing tracks runs
+        (this base class). Called once per entry made, before the entry is saved; a retried
+        trial calling it again for the same key must get the same run back."""
+        return None
+
+    def model_used(self, key: str, run_id: str | None) -> None:  # noqa: B027 - optional hook
+        """The trial used the stored model ``key`` (made under the run ``run_id``, if known):
+        the runner tags the trial's run with it. The base class does nothing."""
+
     def progress(self, message: str) -> None:
         if self.verbose:
             print(message, flush=True)
