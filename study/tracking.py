@@ -164,12 +164,14 @@ class TrialRun:
                        TAG_STATUS: "running"})
         return self.run_id
 
-    def link_victim(self, victim_key: str) -> str | None:
-        """Tag this run with the MLflow run of the victim it attacks (the victim stage's run
-        whose param ``victim_key`` matches), so the UI can jump from an attack to its victim."""
+    def link_victim(self, lineage_key: str) -> str | None:
+        """Tag this run with the MLflow run of the victim it attacks (the victim stage's trial
+        run whose param ``lineage_key`` matches), so the UI can jump from an attack to its
+        victim."""
         runs = self.client.search_runs(
             [self.experiment_id], max_results=5,
-            filter_string=f"params.victim_key = '{victim_key}' and tags.`{TAG_ROLE}` = 'trial'",
+            filter_string=(f"params.{tags.P_LINEAGE_KEY} = '{_q(lineage_key)}' and "
+                           f"tags.`{TAG_ROLE}` = 'trial'"),
         )
         victims = [r for r in runs if r.info.run_id != self.run_id
                    and r.data.tags.get(TAG_KIND) == "victim"]
@@ -226,3 +228,88 @@ def _is_number(v: Any) -> bool:
     except (TypeError, ValueError):
         return False
     return True
+
+
+def _q(value: str) -> str:
+    """``value`` inside a single-quoted MLflow filter string."""
+    return str(value).replace("\\", "\\\\").replace("'", "\\'")
+
+
+# -- model runs: one per stored lineage entry (or object) a trial made -----------------------
+def find_model_run(c: mlflow.MlflowClient, experiment_ids: list[str], key: str) -> Any | None:
+    """The oldest run tagged role ``model`` with lineage key ``key`` in the experiments."""
+    runs = c.search_runs(experiment_ids, max_results=10, filter_string=(
+        f"tags.`{tags.LINEAGE_KEY}` = '{_q(key)}' and tags.`{TAG_ROLE}` = '{tags.ROLE_MODEL}'"))
+    return min(runs, key=lambda r: r.info.start_time) if runs else None
+
+
+class ModelRun:
+    """The one MLflow run of one store entry (a base model, a lineage step, an object): found
+    by its lineage key (tag ``nasrisk.lineage_key``, role ``model``) before one is created, so
+    a retried trial never makes a second. Tags: the parent's key and run (looked up by the
+    parent's key in the experiment, else the hint the parent's store record gives), the trial
+    run that made it, the step kind; status ``done``; the step's metrics."""
+
+    def __init__(self, uri: str, experiment_id: str) -> None:
+        self.uri, self.experiment_id = uri, experiment_id
+        self.client = client(uri)
+
+    def ensure(self, key: str, *, name: str, parent_key: str, step_kind: str,
+               params: Mapping[str, Any], metrics: Mapping[str, float],
+               made_by: str | None = None, parent_run_id: str | None = None,
+               extra_tags: Mapping[str, str] | None = None) -> str:
+        run = find_model_run(self.client, [self.experiment_id], key)
+        parent = ""
+        if parent_key:
+            found = find_model_run(self.client, [self.experiment_id], parent_key)
+            parent = found.info.run_id if found is not None else (parent_run_id or "")
+        run_tags = {TAG_ROLE: tags.ROLE_MODEL, tags.LINEAGE_KEY: key,
+                    tags.PARENT_KEY: parent_key, tags.PARENT_RUN_ID: parent,
+                    tags.STEP_KIND: step_kind, TAG_STATUS: "done", **(extra_tags or {})}
+        if made_by:
+            run_tags[tags.MADE_BY_RUN_ID] = made_by
+        if run is None:
+            run = self.client.create_run(self.experiment_id, run_name=name,
+                                         tags={k: str(v) for k, v in run_tags.items()})
+            items = [Param(k, v) for k, v in flatten(params).items()]
+            for i in range(0, len(items), 100):
+                self.client.log_batch(run.info.run_id, params=items[i:i + 100])
+        else:  # a retried trial made it again: same run, refreshed tags and metrics
+            self.client.log_batch(run.info.run_id,
+                                  tags=[RunTag(k, str(v)) for k, v in run_tags.items()])
+        run_id = run.info.run_id
+        import time
+
+        ts = int(time.time() * 1000)
+        items = [Metric(k, float(v), ts, 0) for k, v in metrics.items() if _is_number(v)]
+        if items:
+            self.client.log_batch(run_id, metrics=items)
+        self.client.set_terminated(run_id, status="FINISHED")
+        return run_id
+
+
+def lineage_runs(uri: str, experiment_id: str, key: str) -> list[Any]:
+    """The model runs of the lineage ending in ``key``, base first: from the leaf's run up
+    its ``nasrisk.parent_run_id`` tags (else its parent's key) to a run without a parent.
+    Empty when ``key`` has no model run in the experiment; it stops at a parent that has none
+    (made under another experiment or tracking store)."""
+    c = client(uri)
+    out: list[Any] = []
+    run = find_model_run(c, [experiment_id], key)
+    seen: set[str] = set()
+    while run is not None and run.info.run_id not in seen:
+        seen.add(run.info.run_id)
+        out.append(run)
+        parent_key = run.data.tags.get(tags.PARENT_KEY, "")
+        if not parent_key:
+            break
+        parent_id = run.data.tags.get(tags.PARENT_RUN_ID, "")
+        run = None
+        if parent_id:
+            try:
+                run = c.get_run(parent_id)
+            except MlflowException:
+                run = None
+        if run is None:
+            run = find_model_run(c, [experiment_id], parent_key)
+    return out[::-1]

@@ -42,7 +42,7 @@ from nasrisk.trials.store import sha256_file
 
 from . import tags
 from .progress import WARNING_KEY
-from .tracking import TAG_KIND, TAG_STAGE, TAG_STUDY, TrialRun
+from .tracking import TAG_KIND, TAG_STAGE, TAG_STUDY, ModelRun, TrialRun, find_model_run
 
 STATE_FILE = "state.pt"
 META_FILE = "meta.json"
@@ -65,12 +65,34 @@ class TuneContext(TrialContext):
     """Checkpoints through ``ray.tune.report`` (the run id travels inside the checkpoint) and
     logs metrics, artifacts and warnings to the trial's MLflow run."""
 
-    def __init__(self, run: TrialRun, state: dict[str, Any], *, key: str, **kw: Any) -> None:
+    def __init__(self, run: TrialRun, state: dict[str, Any], *, key: str,
+                 model_tags: Mapping[str, str] | None = None, **kw: Any) -> None:
         super().__init__(**kw)
         self.run = run
         self.key = key
         self._state = state
         self._saves = 0
+        #: tags every model run this trial makes also gets (study, version, commit)
+        self.model_tags = dict(model_tags or {})
+
+    def model_run(self, key: str, *, name: str, parent_key: str, step_kind: str,
+                  params: Mapping[str, Any], metrics: Mapping[str, float],
+                  parent_run_id: str | None = None) -> str | None:
+        """Find or create the model run of the store entry ``key`` (study/tracking.py
+        :class:`ModelRun`), made by this trial's run."""
+        return ModelRun(self.run.uri, self.run.experiment_id).ensure(
+            key, name=name, parent_key=parent_key, step_kind=step_kind, params=params,
+            metrics=metrics, made_by=self.run.run_id, parent_run_id=parent_run_id,
+            extra_tags=self.model_tags)
+
+    def model_used(self, key: str, run_id: str | None) -> None:
+        """Tag the trial's run with the model run of the model it used (the store record's,
+        else the one found by its lineage key in this experiment)."""
+        if not run_id:
+            found = find_model_run(self.run.client, [self.run.experiment_id], key)
+            run_id = found.info.run_id if found is not None else None
+        if run_id:
+            self.run.set_tags({tags.MODEL_RUN_ID: run_id})
 
     def _persist(self, metrics: Mapping[str, float]) -> None:
         self._saves += 1
@@ -220,15 +242,18 @@ def run_trial(params: dict[str, Any], runtime: dict[str, Any]) -> None:
         return
     if early:
         run.set_tags({TAG_WARNING: " | ".join(early)[-4000:]})
-    if t["kind"] != "victim" and params_logged.get("victim_key"):
-        run.link_victim(str(params_logged["victim_key"]))
+    lineage_key = params_logged.get(tags.P_LINEAGE_KEY) or params_logged.get("victim_key")
+    if t["kind"] != "victim" and lineage_key:
+        run.link_victim(str(lineage_key))
     gpus = runtime.get("gpus_per_trial", 0)
     device = "cuda" if gpus and torch.cuda.is_available() else "cpu"
     # created only if the trial writes an artifact (TrialContext.artifact_dir makes it)
     artifacts = Path(tempfile.gettempdir()) / f"nasrisk-art-{uuid.uuid4().hex[:12]}"
     ctx = TuneContext(run, state, key=t["key"], device=device, artifact_dir=artifacts,
                       data_root=runtime["data_root"], download=runtime["download"],
-                      store_root=runtime.get("store_root"))
+                      store_root=runtime.get("store_root"),
+                      model_tags={TAG_STUDY: runtime["study"], tags.VERSION: runtime["version"],
+                                  tags.GIT_COMMIT: runtime["git_commit"]})
     ctx.warnings.extend(early)
     t0 = time.perf_counter()
     attempts = int(state.get("__attempts__", 0)) + 1

@@ -1,6 +1,7 @@
 """The ``victim`` trial of the AutoML security study (PROTOCOLS 4 "Train each victim once" and
 "Also per model"; Pang et al., "On the Security Risks of AutoML", USENIX Security 2022,
-Sec. 4 and 6.1): train (or load) one victim through the store, then measure it.
+Sec. 4 and 6.1): train (or load) one victim through the store, then measure it. The victim is
+any lineage (:mod:`nasrisk.trials.lineage`): a base, a label-flipped child, a fine-tuned one.
 
 Metrics: ``acc`` (clean test accuracy), ``param_count``, ``train_seconds``; gradient variance
 (:func:`~nasrisk.trials.metrics.grad_var.gradient_variance`) at Kaiming initialisation and
@@ -29,7 +30,7 @@ from ..metrics.contours import loss_contour_input, loss_contour_params, plot_con
 from ..metrics.grad_var import gradient_variance, kaiming_init_
 from ..models.darts.stats import genotype_stats
 from ..registry import MODELS, TRIAL_KINDS
-from ..victims import VictimSpec, build_victim, ensure_victim, is_darts_space, victim_data
+from ..victims import VictimSpec, build_model, ensure_victim, victim_data
 from .base import TrialKind
 
 
@@ -67,7 +68,7 @@ def run_victim(config: dict, ctx: TrialContext) -> dict[str, float]:
     if cfg.measure_grad_var:
         measured = ctx.load_state("grad_var")
         if measured is None:
-            init = build_victim(spec)
+            init = build_model(spec)
             kaiming_init_(init, seed=cfg.seed)
             measured = _grad_vars(cfg, init.to(ctx.device), x, y, "grad_var_init")
             measured.update(_grad_vars(cfg, model, x, y, "grad_var_trained"))
@@ -91,11 +92,16 @@ def run_victim(config: dict, ctx: TrialContext) -> dict[str, float]:
 
 
 def extra_params(cfg: VictimConfig) -> dict[str, Any]:
-    """Logged beside the config: the victim's store key, its MODELS family and, for
-    DARTS-space models, the normal cell's depth, width and skip count (PROTOCOLS 1.3)."""
-    extra: dict[str, Any] = {"victim_key": cfg.key(),
+    """Logged beside the config: the model's lineage key (``lineage_key``, also as
+    ``victim_key``), its parent's key and the lineage in words (study/tags.py ``P_*``), its
+    label-flip fraction, its MODELS family and, for the DARTS genotypes, the normal cell's
+    depth, width and skip count (PROTOCOLS 1.3)."""
+    key = cfg.key()
+    extra: dict[str, Any] = {"lineage_key": key, "parent_key": cfg.parent_key(),
+                             "lineage": cfg.describe(), "victim_key": key,
+                             "poison_fraction": cfg.poison_fraction,
                              "family": MODELS.meta(cfg.model).get("family", "")}
-    if is_darts_space(cfg.model):
+    if "genotype" in MODELS.meta(cfg.model):  # a named genotype (not a genotype string)
         stats = genotype_stats(cfg.model)
         extra.update(cell_depth=stats["depth"], cell_width=stats["width"],
                      skip_count=stats["skip"])
@@ -103,8 +109,11 @@ def extra_params(cfg: VictimConfig) -> dict[str, Any]:
 
 
 def trial_name(cfg: VictimConfig) -> str:
-    name = f"{cfg.model}@{cfg.dataset}"  # after the plan's index: "v0003 darts@cifar10 p=0.1"
-    return name + (f" p={cfg.poison_fraction:g}" if cfg.poison_fraction > 0 else "")
+    # after the plan's index: "v0003 darts@cifar10 p=0.1", "v0004 darts@cifar10 -> fine_tune(...)"
+    if not cfg.steps or (len(cfg.steps) == 1 and cfg.steps[0].kind == "label_flip"):
+        name = f"{cfg.model}@{cfg.dataset}"
+        return name + (f" p={cfg.poison_fraction:g}" if cfg.poison_fraction > 0 else "")
+    return cfg.describe()
 
 
 def metric_names(cfg: VictimConfig) -> tuple[str, ...]:
