@@ -107,8 +107,9 @@ class Trial:
 @dataclass(frozen=True)
 class Derivation:
     """How a derived stage gets its trials once its source stage is done: each item the
-    selector picks becomes the case ``{target: item value at path}`` of ``take``, merged into
-    ``base`` and crossed with ``grid`` (then profile values are injected, as in any stage)."""
+    selector picks becomes the case ``{target: item value at path}`` of ``take``, crossed with
+    ``grid``. Profile and command-line values (``inject``: dataset, seed, ...) are set before
+    the taken ones, so a value taken from the selected trial is kept as it was there."""
 
     source: str
     selector: str
@@ -403,6 +404,10 @@ def _derivation(st: StageSpec, over: StageOverride | None, base: dict[str, Any],
         _check_source_path(path, "select", src.spec, src_kind, artifact, where)
     for target, path in st.take.items():
         _check_source_path(path, f"take {target}", src.spec, src_kind, artifact, where)
+    both = sorted(set(st.take) & set(grid))
+    if both:
+        raise UserError(f"{where}: {both[0]!r} is both taken from the selected results and a "
+                        "grid key; keep one")
     _check_grid_keys({**dict.fromkeys(st.take, [None]), **grid}, where, "take/grid key")
     for target in st.take:
         if not _field_path(model, target.split(".")):
@@ -495,8 +500,8 @@ def derive_trials(plan: StudyPlan, stage: StagePlan, items: list[dict[str, Any]]
                 except MissingValue:
                     raise UserError(f"{at}: take {target}: it has no {path}") from None
                 _set_dotted(case, target, copy.deepcopy(value), at)
-            for cfg in _grid_points(d.base, case, d.grid, kind.config_model, d.inject, at):
-                yield cfg, at, item.get("run_id")
+            for cfg in _grid_points(d.base, {}, d.grid, kind.config_model, d.inject, at):
+                yield deep_merge(cfg, case), at, item.get("run_id")
 
     return _make_trials(plan.spec.name, st, kind, configs(), set())
 

@@ -59,6 +59,8 @@ os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
 # SIGINT is the study guard's (it stops the trials and says how to resume), not Tune's
 os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+# a derived stage fetches one artifact per source run: no progress bar for each
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 # trials checkpoint every epoch on purpose; Tune's warning about frequent snapshots is noise here
 os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
 # results live in MLflow, so Tune's per-trial result files are off and its reader would complain
