@@ -11,6 +11,11 @@ Column convention of :func:`load_runs` (one row per run):
   every value parses as a number is converted to a numeric dtype (integers stay integers);
 - every *tag* as ``tag.<name>`` (``tag.nasrisk.role``, ``tag.mlflow.runName``).
 
+The names come from :mod:`nasrisk.study.tags` (the one home of what the runner writes): read
+them as ``tag_col(tags.STAGE)``, ``param_col(tags.P_LINEAGE_KEY)``. Store keys
+(``lineage_key``, ``parent_key``, ``victim_key``) always stay strings: a 16-hex-digit key made
+only of digits would otherwise become a number.
+
 Infinities: SQL tracking stores cannot hold inf, so MLflow stores +-inf as the largest float
 (+-1.797e308). They are mapped back to +-inf here, so a flagged kappa (PROTOCOLS section 5:
 "scored as +inf") reads back as ``inf`` whatever the backend.
@@ -23,6 +28,7 @@ import os
 import numpy as np
 import pandas as pd
 
+from nasrisk.study import tags
 from nasrisk.trials.errors import UserError
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -30,7 +36,20 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 import mlflow  # noqa: E402 - after the telemetry switch
 
 _BASE_COLUMNS = ("run_id", "run_name", "status", "start_time", "end_time")
+#: params that are store keys (hex strings): never converted to numbers
+KEY_PARAMS = (tags.P_LINEAGE_KEY, tags.P_PARENT_KEY, "victim_key")
 _FLOAT_MAX = float(np.finfo(np.float64).max)
+
+
+def tag_col(name: str) -> str:
+    """The :func:`load_runs` column of tag ``name`` (a :mod:`nasrisk.study.tags` constant)."""
+    return f"tag.{name}"
+
+
+def param_col(name: str) -> str:
+    """The :func:`load_runs` column of param ``name`` (a ``tags.P_*`` constant or a config
+    field, dotted for nested ones: ``victim.model``)."""
+    return f"param.{name}"
 
 
 def _client(tracking_uri: str) -> mlflow.MlflowClient:
@@ -66,16 +85,17 @@ def _quote(value: str) -> str:
 def _filter_string(role: str | None, stage: str | None, only_done: bool) -> str:
     clauses = []
     if role is not None:
-        clauses.append(f'tags."nasrisk.role" = {_quote(role)}')
+        clauses.append(f'tags."{tags.ROLE}" = {_quote(role)}')
     if stage is not None:
-        clauses.append(f'tags."nasrisk.stage" = {_quote(stage)}')
+        clauses.append(f'tags."{tags.STAGE}" = {_quote(stage)}')
     if only_done:
-        clauses.append("tags.\"nasrisk.status\" = 'done'")
+        clauses.append(f'tags."{tags.STATUS}" = \'done\'')
     return " and ".join(clauses)
 
 
 def _numeric_params(df: pd.DataFrame) -> pd.DataFrame:
-    for col in [c for c in df.columns if c.startswith("param.")]:
+    keys = {param_col(k) for k in KEY_PARAMS}
+    for col in [c for c in df.columns if c.startswith("param.") and c not in keys]:
         values = df[col]
         present = values.dropna()
         if present.empty:
@@ -91,13 +111,14 @@ def _numeric_params(df: pd.DataFrame) -> pd.DataFrame:
     return df
 
 
-def load_runs(tracking_uri: str, experiment: str, *, role: str | None = "trial",
+def load_runs(tracking_uri: str, experiment: str, *, role: str | None = tags.ROLE_TRIAL,
               stage: str | None = None, only_done: bool = True,
               page_size: int = 1000) -> pd.DataFrame:
     """Every run of ``experiment`` as one row (column convention in the module docstring).
 
-    ``role`` filters on the ``nasrisk.role`` tag ("trial", "summary"; None: every run),
-    ``stage`` on ``nasrisk.stage``, ``only_done`` keeps runs tagged ``nasrisk.status=done``.
+    ``role`` filters on the :data:`~nasrisk.study.tags.ROLE` tag ("trial", "summary"; None:
+    every run), ``stage`` on :data:`~nasrisk.study.tags.STAGE`, ``only_done`` keeps runs whose
+    :data:`~nasrisk.study.tags.STATUS` is ``done``.
     Pages through ``search_runs`` ``page_size`` runs at a time, so studies of thousands of
     trials load whole. Rows are ordered by start time (then run id) for reproducible output.
     """

@@ -147,3 +147,21 @@ def test_scatter_grid_marks_infinite_points(tmp_path):
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(UserError, match="nope"):
         scatter_grid(df, ["nope"], ["asr"], path=tmp_path / "x.png")
+
+
+def test_store_keys_stay_strings_even_when_all_digits(tmp_path):
+    """A 16-hex-digit store key made of digits only (1 in ~1,900 keys) must not become a number
+    (it would lose its leading zero and never equal a parent_key again)."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    exp_id = client.create_experiment(EXPERIMENT, artifact_location=(tmp_path / "a").as_uri())
+    run = client.create_run(exp_id, tags={"nasrisk.role": "trial", "nasrisk.status": "done"})
+    client.log_batch(run.info.run_id, params=[Param("lineage_key", "0123456789012345"),
+                                              Param("parent_key", "0000000000000042"),
+                                              Param("victim_key", "0123456789012345"),
+                                              Param("seed", "7")])
+    df = load_runs(uri, EXPERIMENT)
+    assert df.loc[0, "param.lineage_key"] == "0123456789012345"
+    assert df.loc[0, "param.parent_key"] == "0000000000000042"
+    assert df.loc[0, "param.victim_key"] == "0123456789012345"
+    assert df.loc[0, "param.seed"] == 7  # other numeric params still convert

@@ -238,7 +238,7 @@ def test_metric_names_and_params_come_from_the_entry():
             "victim_acc", "victim_trained", "n_attacked", *ATTACKS.get(name).metrics)
         assert set(run_attack.metric_names(cfg)) <= set(run_attack.metric_names())
         params = run_attack.extra_params(cfg)
-        assert params[tags.P_LINEAGE_KEY] == VictimSpec(**VICTIM).key()
+        assert params[tags.P_LINEAGE_KEY] == params["victim_key"] == VictimSpec(**VICTIM).key()
         assert params[tags.P_PARENT_KEY] == "" and params[tags.P_POISON_FRACTION] == 0.0
         assert params[tags.P_LINEAGE] == "nats@embedded" and params[tags.P_ATTACK] == name
     poisoned = attack_kind.AttackConfig.model_validate(

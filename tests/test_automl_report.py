@@ -298,3 +298,38 @@ def test_superseded_runs_are_left_out_and_noted(store):
     assert "1 victim and 1 attack run(s) superseded" in text
     acc = pd.read_csv(store["out"] / "accuracy.csv")
     assert 0.01 not in acc.select_dtypes("number").to_numpy()
+
+
+def test_cad_reference_is_the_parent_by_lineage_key(tmp_path):
+    """A poisoned victim's clean reference is the run whose lineage_key is its parent_key,
+    even where the old matching (same params but the poison fraction) names another clean
+    run; runs without lineage params still match the old way, with a note."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    exp_id = client.create_experiment(EXPERIMENT, artifact_location=(tmp_path / "a").as_uri())
+    common = {"model": "darts", "dataset": "cifar10", "params": "paper", "seed": 0,
+              "profile": "smoke", "kind": "victim", "family": "nas", "train": "None"}
+
+    def victim(stage, p, acc, **extra):
+        _log(client, exp_id, name=f"{stage} p={p} {extra}", stage=stage, kind="victim",
+             params={**common, "stage": stage, "poison_fraction": p, **extra},
+             metrics={"acc": acc})
+
+    # two clean runs of darts: the recipe-matched one (by params) and the actual parent
+    victim("victims", 0.0, 0.90, lineage_key="0123456789012345", parent_key="")
+    victim("poisoning", 0.0, 0.80, lineage_key="kparent", parent_key="",
+           max_train_examples=100)
+    # its params equal the first clean run's but its parent is the second
+    victim("poisoning", 0.4, 0.70, lineage_key="kchild", parent_key="kparent")
+    # a child whose parent never ran as a victim trial: no CAD, a note naming the key
+    victim("poisoning", 0.2, 0.60, lineage_key="korphan", parent_key="kmissing")
+    # an old run (no lineage params): matched by params to the first clean run
+    victim("victims", 0.1, 0.85)
+    rep = build_automl_report(uri, EXPERIMENT, tmp_path / "r", log_to_mlflow=False, n_boot=0)
+    cad = rep.cad.set_index("poison")
+    assert cad.loc[0.4, "acc_clean"] == pytest.approx(0.80) and cad.loc[0.4, "ref"] == "lineage"
+    assert cad.loc[0.4, "cad"] == pytest.approx(0.10)
+    assert cad.loc[0.1, "acc_clean"] == pytest.approx(0.90) and cad.loc[0.1, "ref"] == "exact"
+    assert 0.2 not in cad.index
+    assert any("kmissing" in n for n in rep.notes)
+    assert any("1 poisoned victim run(s) without lineage params" in n for n in rep.notes)

@@ -37,7 +37,7 @@ import numpy as np
 import pandas as pd
 
 from nasrisk.analysis.figures import bar_before_after
-from nasrisk.analysis.load import get_experiment_id, load_runs
+from nasrisk.analysis.load import get_experiment_id, load_runs, tag_col
 from nasrisk.analysis.reports import automl_data as data
 from nasrisk.analysis.reports.automl_figures import (
     cad_curves,
@@ -47,6 +47,7 @@ from nasrisk.analysis.reports.automl_figures import (
 )
 from nasrisk.analysis.reports.evas import summary_run_id, tag_summary_run
 from nasrisk.analysis.stats import correlation_table, family_comparison, to_markdown
+from nasrisk.study import tags
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
@@ -225,9 +226,9 @@ def build_automl_report(tracking_uri: str, experiment: str, out_dir: str | Path,
     files: dict[str, Path] = {}
     # victims come from every stage of kind `victim`: stage `victims` trains the attacked models,
     # stage `poisoning` retrains them on flipped labels (with its own p=0 reference for CAD)
-    all_runs = load_runs(tracking_uri, experiment, role="trial")
-    kind = all_runs.get("tag.nasrisk.kind")
-    stage = all_runs.get("tag.nasrisk.stage")
+    all_runs = load_runs(tracking_uri, experiment, role=tags.ROLE_TRIAL)
+    kind = all_runs.get(tag_col(tags.KIND))
+    stage = all_runs.get(tag_col(tags.STAGE))
     v_all = all_runs[kind == "victim"] if kind is not None else all_runs.iloc[:0]
     v_runs = v_all[stage[v_all.index] == VICTIM_STAGE] if stage is not None else v_all
     a_runs = all_runs[stage == ATTACK_STAGE] if stage is not None else all_runs.iloc[:0]
@@ -315,7 +316,7 @@ def _log_summary(client: mlflow.MlflowClient, experiment: str, out: Path,
                  files: dict[str, Path], comparisons: pd.DataFrame, v_runs: pd.DataFrame,
                  a_runs: pd.DataFrame) -> str:
     exp_id = get_experiment_id(client, experiment)
-    studies = pd.concat([r.get("tag.nasrisk.study", pd.Series(dtype=object))
+    studies = pd.concat([r.get(tag_col(tags.STUDY), pd.Series(dtype=object))
                          for r in (v_runs, a_runs)]).dropna().unique()
     run_id = summary_run_id(client, exp_id,
                             study=str(studies[0]) if len(studies) == 1 else experiment)

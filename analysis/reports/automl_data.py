@@ -11,10 +11,17 @@ Conventions:
   are never pooled.
 * A *model row* is the mean over the runs (e.g. seeds) of one model in one setting, so
   family comparisons count models, not runs.
-* CAD (PROTOCOLS 4, label-flip poisoning) = acc(p = 0) - acc(p) of the victim with the same
-  model, dataset, parameter set, seed and profile; when several clean victims qualify (e.g. a
-  600-epoch and a 50-epoch retraining recipe), the one whose remaining params (train recipe,
-  model kwargs, data sizes) also match is used, otherwise their mean, with a note.
+* CAD (PROTOCOLS 4, label-flip poisoning) = acc(parent) - acc(poisoned): the clean
+  reference of a poisoned victim is its parent in the model lineage, the victim run whose
+  param ``lineage_key`` equals the poisoned run's ``parent_key`` (both logged by the victim
+  kind; :mod:`nasrisk.study.tags`). Runs without those params (an MLflow store written before
+  model lineages) fall back to matching the clean victim (p = 0) with the same model, dataset,
+  parameter set, seed and profile; when several qualify (e.g. a 600-epoch and a 50-epoch
+  retraining recipe), the one whose remaining params (train recipe, model kwargs, data sizes)
+  also match is used, otherwise their mean, with a note.
+
+Tag and param names are :mod:`nasrisk.study.tags`'s (``param.<config field>`` for the trial's
+own config fields: ``params``, ``seed``, ``victim.model``, ...).
 """
 
 from __future__ import annotations
@@ -32,6 +39,9 @@ os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 from mlflow.exceptions import MlflowException  # noqa: E402 - after the telemetry switch
 
+from nasrisk.analysis.load import param_col, tag_col  # noqa: E402
+from nasrisk.study import tags  # noqa: E402
+
 #: victim-stage metrics, in table order (acc and gradient variance, paper Eq. 14 / artifact)
 VICTIM_METRICS = ("acc", "grad_var_init", "grad_var_trained", "grad_var_init_artifact",
                   "grad_var_trained_artifact", "param_count")
@@ -43,10 +53,11 @@ ARCH_STATS = ("cell_depth", "cell_width", "skip_count")
 FAMILIES = ("nas", "manual", "variant")
 KEY = ["setting", "dataset", "params", "model", "family"]
 # params that differ between a poisoned victim and its clean reference, or say nothing
-# about the weights
-_NOT_IDENTITY = {"param.poison_fraction", "param.victim_key", "param.measure_grad_var",
-                 "param.contours", "param.stage", "param.kind", "param.cell_depth",
-                 "param.cell_width", "param.skip_count", "param.family"}
+# about the weights (the fallback matching of runs without lineage params)
+_NOT_IDENTITY = {param_col(n) for n in (
+    tags.P_POISON_FRACTION, "victim_key", tags.P_LINEAGE_KEY, tags.P_PARENT_KEY, tags.P_LINEAGE,
+    "measure_grad_var", "contours", tags.P_STAGE, tags.P_KIND, "cell_depth", "cell_width",
+    "skip_count", tags.P_FAMILY)}
 
 
 def _col(df: pd.DataFrame, name: str, default: object) -> pd.Series:
@@ -72,51 +83,64 @@ def _joined(frame: pd.DataFrame) -> pd.Series:
     return frame.map(lambda v: "" if pd.isna(v) else str(v)).agg("|".join, axis=1)
 
 
+def _key_col(runs: pd.DataFrame, name: str) -> pd.Series:
+    """A store-key param as strings, missing (NaN once in a frame) where not logged."""
+    col = _col(runs, param_col(name), None)
+    return col.astype(object).map(lambda v: None if pd.isna(v) else str(v))
+
+
 def victim_frame(runs: pd.DataFrame) -> pd.DataFrame:
     """One row per victim-stage run: ``run_id``, :data:`KEY` columns, ``seed``, ``profile``,
-    ``poison`` (float), ``ident`` (all weight-determining params but the poison fraction, as
-    one string), ``base`` (model/dataset/params/seed/profile), the victim metrics and the
-    architecture statistics (NaN where absent)."""
+    ``poison`` (float), ``lineage_key`` / ``parent_key`` (strings, NaN where not logged;
+    ``""`` parent for a base model), ``ident`` (all weight-determining params but the poison fraction, as
+    one string: the fallback matching), ``base`` (model/dataset/params/seed/profile), the
+    victim metrics and the architecture statistics (NaN where absent)."""
     v = pd.DataFrame({"run_id": _col(runs, "run_id", ""),
                       "start_time": _col(runs, "start_time", pd.NaT)})
-    v["model"] = _col(runs, "param.model", "?").astype(str)
-    v["dataset"] = _col(runs, "param.dataset", "?").astype(str)
-    v["params"] = _col(runs, "param.params", "paper").fillna("paper").astype(str)
-    v["family"] = _col(runs, "param.family", "").fillna("").astype(str)
+    v["model"] = _col(runs, param_col(tags.P_MODEL), "?").astype(str)
+    v["dataset"] = _col(runs, param_col(tags.P_DATASET), "?").astype(str)
+    v["params"] = _col(runs, param_col("params"), "paper").fillna("paper").astype(str)
+    v["family"] = _col(runs, param_col(tags.P_FAMILY), "").fillna("").astype(str)
     v["setting"] = _settings(v["dataset"], v["params"])
-    v["seed"] = _col(runs, "param.seed", 0).astype(str)
-    v["profile"] = _col(runs, "param.profile", "").fillna("").astype(str)
-    v["poison"] = _numeric(runs, "param.poison_fraction").fillna(0.0)
-    v["stage"] = _col(runs, "tag.nasrisk.stage", "").fillna("").astype(str)
+    v["seed"] = _col(runs, param_col("seed"), 0).astype(str)
+    v["profile"] = _col(runs, param_col(tags.P_PROFILE), "").fillna("").astype(str)
+    v["poison"] = _numeric(runs, param_col(tags.P_POISON_FRACTION)).fillna(0.0)
+    v["stage"] = _col(runs, tag_col(tags.STAGE), "").fillna("").astype(str)
+    v["lineage_key"] = _key_col(runs, tags.P_LINEAGE_KEY)
+    v["parent_key"] = _key_col(runs, tags.P_PARENT_KEY)
     ident_cols = sorted(c for c in runs.columns
-                        if c.startswith("param.") and c not in _NOT_IDENTITY)
+                        if c.startswith("param.") and c not in _NOT_IDENTITY
+                        and not c.startswith(param_col("steps")))
     v["ident"] = _joined(runs[ident_cols])
     v["base"] = _joined(v[["model", "dataset", "params", "seed", "profile"]])
     for m in VICTIM_METRICS:
         v[m] = _numeric(runs, m)
     for s in ARCH_STATS:
-        v[s] = _numeric(runs, f"param.{s}")
+        v[s] = _numeric(runs, param_col(s))
     return v.reset_index(drop=True)
 
 
 def attack_frame(runs: pd.DataFrame) -> pd.DataFrame:
     """One row per attack-stage run: ``run_id``, :data:`KEY` columns, ``attack``,
-    ``victim_poison`` and every attack metric (NaN where that attack does not produce it).
-    Model and dataset come from the kind's extra params, else from the nested victim config
+    ``victim_poison``, ``lineage_key`` (of the attacked model; NaN where not logged) and
+    every attack metric (NaN where that attack does not produce it). Model, dataset and
+    poison fraction come from the kind's extra params, else from the nested victim config
     (``victim.model`` ...)."""
     a = pd.DataFrame({"run_id": _col(runs, "run_id", ""),
                       "start_time": _col(runs, "start_time", pd.NaT)})
-    for name in ("model", "dataset"):
-        a[name] = _col(runs, f"param.{name}", None).fillna(
-            _col(runs, f"param.victim.{name}", "?")).astype(str)
-    a["params"] = _col(runs, "param.params", None).fillna(
-        _col(runs, "param.victim.params", "paper")).astype(str)
-    a["family"] = _col(runs, "param.family", "").fillna("").astype(str)
+    for name in (tags.P_MODEL, tags.P_DATASET):
+        a[name] = _col(runs, param_col(name), None).fillna(
+            _col(runs, param_col(f"victim.{name}"), "?")).astype(str)
+    a["params"] = _col(runs, param_col("params"), None).fillna(
+        _col(runs, param_col("victim.params"), "paper")).astype(str)
+    a["family"] = _col(runs, param_col(tags.P_FAMILY), "").fillna("").astype(str)
     a["setting"] = _settings(a["dataset"], a["params"])
-    a["attack"] = _col(runs, "param.attack", "?").astype(str)
-    a["victim_poison"] = _numeric(runs, "param.victim.poison_fraction").fillna(0.0)
-    a["seed"] = _col(runs, "param.seed", 0).astype(str)
-    a["profile"] = _col(runs, "param.profile", "").fillna("").astype(str)
+    a["attack"] = _col(runs, param_col(tags.P_ATTACK), "?").astype(str)
+    a["victim_poison"] = _numeric(runs, param_col(tags.P_POISON_FRACTION)).fillna(
+        _numeric(runs, param_col(f"victim.{tags.P_POISON_FRACTION}"))).fillna(0.0)
+    a["lineage_key"] = _key_col(runs, tags.P_LINEAGE_KEY)
+    a["seed"] = _col(runs, param_col("seed"), 0).astype(str)
+    a["profile"] = _col(runs, param_col(tags.P_PROFILE), "").fillna("").astype(str)
     for m in (*ATTACK_METRICS, "victim_acc"):
         a[m] = _numeric(runs, m)
     return a.reset_index(drop=True)
@@ -142,34 +166,59 @@ def order_families(df: pd.DataFrame) -> pd.DataFrame:
             .drop(columns="_r").reset_index(drop=True))
 
 
+def _by_ident(r: pd.Series, clean: pd.DataFrame,
+              notes: list[str]) -> tuple[float, str] | None:
+    """The fallback clean reference of a poisoned victim without lineage params."""
+    exact = clean[clean["ident"] == r["ident"]] if r["ident"] else clean.iloc[0:0]
+    base = clean[clean["base"] == r["base"]]
+    if len(exact) == 1 or (len(exact) > 1 and exact["acc"].nunique() == 1):
+        return float(exact["acc"].iloc[0]), "exact"
+    if len(base) == 1:
+        return float(base["acc"].iloc[0]), "base"
+    if len(base) > 1:
+        notes.append(f"CAD of {r['model']} on {r['setting']} at p={r['poison']:g}: "
+                     f"{len(base)} clean victims of the same model/seed qualify; their "
+                     "mean accuracy is the reference.")
+        return float(base["acc"].mean()), f"mean of {len(base)}"
+    notes.append(f"No clean victim (p=0) for {r['model']} on {r['setting']} seed "
+                 f"{r['seed']}: its CAD at p={r['poison']:g} is missing.")
+    return None
+
+
 def cad_table(victims: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
     """CAD of every victim (PROTOCOLS 4: CAD = acc(clean) - acc(poisoned); clean victims get
     CAD 0 at p = 0, the start of the curves): columns :data:`KEY`, ``seed``, ``poison``,
-    ``acc``, ``acc_clean``, ``cad``, ``ref`` (how the clean reference was matched:
+    ``acc``, ``acc_clean``, ``cad``, ``ref`` (how the clean reference was found:
+    ``lineage`` = the parent's run by its lineage key; for runs without lineage params
     ``exact``, ``base``, ``mean of k``) and notes on the victims with no reference."""
     notes: list[str] = []
     clean = victims[victims["poison"] == 0]
+    by_key = victims.dropna(subset=["lineage_key"]).groupby("lineage_key")["acc"]
+    accs = {k: list(g) for k, g in by_key} if len(victims) else {}
+    fallback = 0
     rows = []
     for _, r in victims.iterrows():
-        exact = clean[clean["ident"] == r["ident"]] if r["ident"] else clean.iloc[0:0]
-        base = clean[clean["base"] == r["base"]]
+        parent = r["parent_key"] if isinstance(r["parent_key"], str) else ""  # NaN: not logged
         if r["poison"] == 0:
             ref, how = r["acc"], "self"
-        elif len(exact) == 1 or (len(exact) > 1 and exact["acc"].nunique() == 1):
-            ref, how = float(exact["acc"].iloc[0]), "exact"
-        elif len(base) == 1:
-            ref, how = float(base["acc"].iloc[0]), "base"
-        elif len(base) > 1:
-            ref, how = float(base["acc"].mean()), f"mean of {len(base)}"
-            notes.append(f"CAD of {r['model']} on {r['setting']} at p={r['poison']:g}: "
-                         f"{len(base)} clean victims of the same model/seed qualify; their "
-                         "mean accuracy is the reference.")
+        elif parent:  # a lineage child: its parent's run (weights identical by key)
+            if parent not in accs:
+                notes.append(f"No victim run of the parent (lineage key {parent}) of "
+                             f"{r['model']} on {r['setting']} at p={r['poison']:g}: its CAD "
+                             "is missing.")
+                continue
+            ref, how = float(np.mean(accs[parent])), "lineage"
         else:
-            notes.append(f"No clean victim (p=0) for {r['model']} on {r['setting']} seed "
-                         f"{r['seed']}: its CAD at p={r['poison']:g} is missing.")
-            continue
+            found = _by_ident(r, clean, notes)
+            if found is None:
+                continue
+            (ref, how), fallback = found, fallback + 1
         rows.append({**{k: r[k] for k in KEY}, "seed": r["seed"], "poison": r["poison"],
                      "acc": r["acc"], "acc_clean": ref, "cad": ref - r["acc"], "ref": how})
+    if fallback:
+        notes.append(f"CAD of {fallback} poisoned victim run(s) without lineage params (an "
+                     "MLflow store from before model lineages): clean reference matched by "
+                     "model, dataset, parameter set, seed, profile and recipe.")
     cols = [*KEY, "seed", "poison", "acc", "acc_clean", "cad", "ref"]
     return pd.DataFrame(rows, columns=cols), notes
 

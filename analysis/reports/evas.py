@@ -4,7 +4,8 @@ scatter figure, from the trial runs of one MLflow experiment.
 
 Outputs in ``out_dir``: ``correlations.md``, ``correlations.csv``, ``kappa_vs_asr_acc.png``,
 ``trials.csv``; with ``log_to_mlflow`` they are also logged (under ``report/``) to the one
-summary run of the experiment (tag ``nasrisk.role=summary``, run name ``summary``), created on
+summary run of the experiment (tag :data:`~nasrisk.study.tags.ROLE` = ``summary``, run name
+``summary``), created on
 the first report and reused afterwards so reports never multiply runs.
 """
 
@@ -18,8 +19,9 @@ import numpy as np
 import pandas as pd
 
 from nasrisk.analysis.figures import scatter_grid
-from nasrisk.analysis.load import get_experiment_id, load_runs
+from nasrisk.analysis.load import get_experiment_id, load_runs, param_col, tag_col
 from nasrisk.analysis.stats import correlation_table, to_markdown
+from nasrisk.study import tags
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
@@ -70,12 +72,13 @@ def summary_run_id(client: mlflow.MlflowClient, experiment_id: str, *,
                    study: str) -> str:
     """The experiment's summary run: the oldest run tagged ``nasrisk.role=summary`` if there
     is one, else a new one (run name ``summary``)."""
-    runs = client.search_runs([experiment_id], filter_string="tags.\"nasrisk.role\" = 'summary'",
+    runs = client.search_runs([experiment_id],
+                              filter_string=f"tags.\"{tags.ROLE}\" = '{tags.ROLE_SUMMARY}'",
                               order_by=["attributes.start_time ASC"], max_results=1)
     if runs:
         return runs[0].info.run_id
     run = client.create_run(experiment_id, run_name=SUMMARY_RUN_NAME,
-                            tags={"nasrisk.role": "summary", "nasrisk.study": study})
+                            tags={tags.ROLE: tags.ROLE_SUMMARY, tags.STUDY: study})
     client.set_terminated(run.info.run_id, "FINISHED")
     return run.info.run_id
 
@@ -98,14 +101,14 @@ def tag_summary_run(client: mlflow.MlflowClient, run_id: str, trials: pd.DataFra
     def values(col: str) -> list[str]:
         return sorted(map(str, trials[col].dropna().unique())) if col in trials else []
 
-    keys = values("tag.nasrisk.trial_key")
-    tags = {"nasrisk.version": version("nasrisk"), "nasrisk.git_commit": git_commit(),
-            "nasrisk.profile": ",".join(values("param.profile")) or "unknown",
-            "nasrisk.trial_count": str(len(keys))}
+    keys = values(tag_col(tags.TRIAL_KEY))
+    summary = {tags.VERSION: version("nasrisk"), tags.GIT_COMMIT: git_commit(),
+               tags.PROFILE: ",".join(values(param_col(tags.P_PROFILE))) or "unknown",
+               tags.TRIAL_COUNT: str(len(keys))}
     joined = ",".join(keys)
     if len(joined) <= MAX_TAG_VALUE:
-        tags["nasrisk.trial_keys"] = joined
-    client.log_batch(run_id, tags=[mlflow.entities.RunTag(k, v) for k, v in tags.items()])
+        summary[tags.TRIAL_KEYS] = joined
+    client.log_batch(run_id, tags=[mlflow.entities.RunTag(k, v) for k, v in summary.items()])
     with tempfile.TemporaryDirectory(prefix="nasrisk-summary-") as d:
         path = Path(d) / "trial_keys.json"
         path.write_text(json.dumps(keys, indent=1) + "\n")
@@ -131,8 +134,8 @@ def _notes(df: pd.DataFrame, corr: pd.DataFrame, scores: list[str]) -> list[str]
                 notes.append(f"`{s}`: {flagged} trial(s) flagged (kappa = +inf: non-positive or "
                              "non-finite lambda_min) are left out of the correlations "
                              "(`n_dropped`) and drawn at the figure's right edge.")
-    for col, what in (("param.params", "parameter set"), ("param.profile", "profile"),
-                      ("param.dataset", "dataset")):
+    for col, what in ((param_col("params"), "parameter set"),
+                      (param_col(tags.P_PROFILE), "profile"), (param_col(tags.P_DATASET), "dataset")):
         if col in df.columns:
             values = sorted(map(str, df[col].dropna().unique()))
             notes.append(f"{what}: {', '.join(values) if values else '(none)'}")
@@ -158,7 +161,8 @@ def build_evas_report(tracking_uri: str, experiment: str, out_dir: str | Path, *
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    trials = load_runs(tracking_uri, experiment, role="trial", stage=stage, only_done=True)
+    trials = load_runs(tracking_uri, experiment, role=tags.ROLE_TRIAL, stage=stage,
+                       only_done=True)
     scores = [s for s in SCORES if s in trials.columns] or list(SCORES)
     frame = trials.copy()
     for col in [*scores, *TARGETS]:
@@ -195,7 +199,8 @@ def _log_summary(tracking_uri: str, experiment: str, trials: pd.DataFrame, corr:
                  paths: dict[str, Path]) -> str:
     client = mlflow.MlflowClient(tracking_uri=tracking_uri)
     exp_id = get_experiment_id(client, experiment)
-    studies = trials["tag.nasrisk.study"].dropna().unique() if "tag.nasrisk.study" in trials else []
+    study_col = tag_col(tags.STUDY)
+    studies = trials[study_col].dropna().unique() if study_col in trials else []
     run_id = summary_run_id(client, exp_id, study=str(studies[0]) if len(studies) == 1
                             else experiment)
     for path in paths.values():

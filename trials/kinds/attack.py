@@ -211,11 +211,15 @@ def _victim_lineage(v: VictimSpec) -> dict[str, Any]:
 
 def extra_params(cfg: AttackConfig) -> dict[str, object]:
     """Logged beside the config, so the report groups runs and finds the attacked model
-    without parsing nested keys: the victim's lineage key, its parent's key, the lineage in
-    words, its poison fraction, model, dataset, MODELS family, and the attack."""
+    without parsing nested keys: the victim's lineage key (also as ``victim_key``), its
+    parent's key, the lineage in words, its poison fraction, model, dataset, MODELS family,
+    and the attack."""
     v = cfg.victim
     return {**_victim_lineage(v), tags.P_MODEL: v.model, tags.P_DATASET: v.dataset,
-            tags.P_FAMILY: MODELS.meta(v.model).get("family", ""), tags.P_ATTACK: cfg.attack}
+            tags.P_FAMILY: MODELS.meta(v.model).get("family", ""), tags.P_ATTACK: cfg.attack,
+            # the runner links an attack run to its victim's run by this param (as the victim
+            # kind logs it); the same value as the lineage key
+            "victim_key": v.key()}
 
 
 def trial_name(cfg: AttackConfig) -> str:
