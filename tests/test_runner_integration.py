@@ -202,3 +202,57 @@ def test_early_driver_death_resume_one_run_per_trial_then_rerun_skips_done(tmp_p
     out = run(["run", f, "--workdir", str(wd)], tmp_path)
     assert "4 of 4 trials already done in MLflow" in out
     assert len(trial_runs(wd, "probe-study")) == 4
+
+
+def test_derived_stage_killed_then_resumed_selects_the_same_trials(tmp_path):
+    """Issue 8: stage 2 (`top`) takes the top 2 of stage 1's `value`; the driver is SIGKILLed
+    while stage 2 runs. `resume`: one MLflow run per trial, stage 1 not rerun (same runs,
+    same times), stage 2 derives the same trials (same keys) and finishes them."""
+    name = "derived-study"
+    d = {"name": name, "default_profile": "smoke",
+         "stages": [
+             {"name": "score", "kind": "calibrate", "config": {"epochs": 1, "size": 8},
+              "grid": {"index": [0, 1, 2, 3]}},
+             {"name": "top", "kind": "calibrate", "from": "score",
+              "select": {"selector": "top_k", "k": 2, "metric": "value", "mode": "max"},
+              "take": {"index": "config.index"},
+              "config": {"epochs": 5, "size": 8, "seconds_per_epoch": 1.0}}],
+         "profiles": {"smoke": {}}}
+    f = tmp_path / f"{name}.yaml"
+    f.write_text(yaml.safe_dump(d))
+    wd = tmp_path / "wd"
+    drv = subprocess.Popen(NASRISK + ["run", str(f), "--workdir", str(wd)], cwd=tmp_path,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def stage_runs(stage):
+        return [r for r in trial_runs(wd, name) if r.data.tags.get("nasrisk.stage") == stage]
+
+    try:
+        wait_for(lambda: len(stage_runs("top")) == 2, 240, "both stage-2 trials started")
+        os.kill(drv.pid, signal.SIGKILL)
+        drv.wait(30)
+    finally:
+        if drv.poll() is None:
+            drv.kill()
+    first = stage_runs("score")
+    assert len(first) == 4 and all(r.data.tags["nasrisk.status"] == "done" for r in first)
+    score = {r.info.run_id: (r.info.start_time, r.info.end_time) for r in first}
+    top_keys = {r.data.tags["nasrisk.trial_key"] for r in stage_runs("top")}
+    assert not all(r.data.tags["nasrisk.status"] == "done" for r in stage_runs("top"))
+    p = subprocess.run(NASRISK + ["resume", name, "--workdir", str(wd)], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=300)
+    out = p.stdout + p.stderr
+    assert p.returncode == 0, out[-3000:]
+    assert "4 of 4 trials already done" in out and "stage top: 2/2 done" in out, out[-3000:]
+    assert f"[{name}/top] derived 2 trials from score: 2 of 4 results selected by top_k" in out
+    runs = trial_runs(wd, name)
+    keys = [r.data.tags["nasrisk.trial_key"] for r in runs]
+    assert len(runs) == 6 and len(set(keys)) == 6          # exactly one MLflow run per trial
+    assert all(r.data.tags["nasrisk.status"] == "done" for r in runs)
+    assert {r.info.run_id: (r.info.start_time, r.info.end_time)
+            for r in stage_runs("score")} == score         # stage 1 was not rerun
+    assert {r.data.tags["nasrisk.trial_key"] for r in stage_runs("top")} == top_keys
+    best = sorted(stage_runs("score"), key=lambda r: -r.data.metrics["value"])[:2]
+    assert sorted(int(r.data.params["index"]) for r in stage_runs("top")) == sorted(
+        int(r.data.params["index"]) for r in best)
+    assert all(r.data.metrics["epochs_run"] >= 1 for r in stage_runs("top"))
