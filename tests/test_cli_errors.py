@@ -495,3 +495,40 @@ def test_report_names_match_the_report_registry():
     from nasrisk.study.spec import REPORT_NAMES
 
     assert sorted(REPORT_NAMES) == sorted(REPORTS)
+
+
+# -- derived stages (issue 8): from / select / take ----------------------------------------
+
+DERIVED = {
+    "name": "der", "default_profile": "smoke",
+    "stages": [{"name": "score", "kind": "calibrate", "config": {"epochs": 1, "size": 4},
+                "grid": {"index": [0, 1]}},
+               {"name": "best", "kind": "calibrate", "from": "score",
+                "select": {"selector": "top_k", "k": 1, "metric": "value", "mode": "max"},
+                "take": {"index": "config.index"}},
+               {"name": "last", "kind": "calibrate", "grid": {"index": [5]}}],
+    "profiles": {"smoke": {}},
+}
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("change,needles", [
+    (lambda d: d["stages"][1].update({"from": "nope"}), ["stage best", "from 'nope'",
+                                                         "no such stage"]),
+    (lambda d: d["stages"][1].update({"from": "last"}), ["stage best", "from 'last'",
+                                                         "not an earlier stage"]),
+    (lambda d: d["stages"][1]["select"].update(selector="worst"),
+     ["unknown selector 'worst'", "top_k"]),
+    (lambda d: d["stages"][1]["select"].update(k="many"), ["select (top_k): k"]),
+    (lambda d: d["stages"][1]["take"].update(seed="metrics.kappa"),
+     ["take seed", "no metric 'kappa'", "value"]),
+    (lambda d: d["stages"][1].update(cases=[{"size": 8}]), ["stage best", "no cases"]),
+], ids=["from-unknown", "from-later", "unknown-selector", "bad-selector-field",
+        "undeclared-metric", "derived-with-cases"])
+def test_bad_derived_stages(run_cli, tmp_path, change, needles):
+    f = study_file(tmp_path, DERIVED, change)
+    code, _, err = run_cli("plan", f)
+    one_line_error(code, err, *needles)
+    code, _, err = run_cli("run", f, "--workdir", str(tmp_path / "wd"))
+    one_line_error(code, err, *needles)
+    assert not (tmp_path / "wd").exists()  # refused before anything (Ray, MLflow) started
