@@ -372,7 +372,7 @@ RUNNER_METRICS = ("time_total_s", "attempts")
 
 
 def _check_source_path(path: str, what: str, source: StageSpec, source_kind: Any,
-                       artifact: str | None, where: str) -> None:
+                       rows: bool, where: str) -> None:
     """A path into the source stage's items names something its kind can have."""
     try:
         root, parts = split_path(path)
@@ -386,9 +386,9 @@ def _check_source_path(path: str, what: str, source: StageSpec, source_kind: Any
     elif root == "config" and not _field_path(source_kind.config_model, parts):
         raise UserError(f"{where}: {what}: {'.'.join(parts)!r} is not a config field of "
                         f"{source.kind} (stage {source.name})")
-    elif root == "row" and artifact is None:
-        raise UserError(f"{where}: {what}: {path} reads artifact rows, but the selector reads "
-                        "no artifact (set select: artifact: FILE.json)")
+    elif root == "row" and not rows:
+        raise UserError(f"{where}: {what}: {path} reads artifact rows, but the selector gives "
+                        "none (set select: artifact: FILE.json)")
 
 
 def _derivation(st: StageSpec, over: StageOverride | None, base: dict[str, Any],
@@ -399,11 +399,11 @@ def _derivation(st: StageSpec, over: StageOverride | None, base: dict[str, Any],
     src = earlier[st.from_]
     src_kind = TRIAL_KINDS.get(src.spec.kind)
     name, sel, cfg = _selection(st, over, where)
-    artifact = sel.artifact(cfg)
+    rows = sel.rows(cfg)
     for path in sel.reads(cfg):
-        _check_source_path(path, "select", src.spec, src_kind, artifact, where)
+        _check_source_path(path, "select", src.spec, src_kind, rows, where)
     for target, path in st.take.items():
-        _check_source_path(path, f"take {target}", src.spec, src_kind, artifact, where)
+        _check_source_path(path, f"take {target}", src.spec, src_kind, rows, where)
     both = sorted(set(st.take) & set(grid))
     if both:
         raise UserError(f"{where}: {both[0]!r} is both taken from the selected results and a "

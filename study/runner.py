@@ -270,6 +270,8 @@ def _run_study(plan: StudyPlan, wd: Workdir, uri: str, address: str | None,
     wd.save_run_record(plan.spec.name, record)
 
     def run_one(stage: StagePlan) -> StageOutcome:
+        if stage.derived is not None:
+            _check_datasets(stage, data, download)
         out = _run_stage(plan, stage, uri=uri, exp_id=exp_id, wd=wd, data_root=data,
                          download=download, record=record, address=address, guard=guard)
         wd.save_run_record(plan.spec.name, record)
@@ -278,6 +280,16 @@ def _run_study(plan: StudyPlan, wd: Workdir, uri: str, address: str | None,
     outcomes = run_stages(plan, run_one, lambda st: source_items(plan, st, uri, exp_id),
                           guard.resume_hint)
     return StudyOutcome(plan.spec.name, uri, exp_id, outcomes)
+
+
+def _check_datasets(stage: StagePlan, root: Path, download: bool) -> None:
+    """The datasets of a derived stage's trials, known once it is derived: a missing one is
+    one line (as `run` says of the planned stages' before Ray starts), not a failure of every
+    trial."""
+    from nasrisk.trials.data import load_dataset
+
+    for n in sorted({t.config.get("dataset") for t in stage.trials} - {None, "embedded"}):
+        load_dataset(n, root=root, download=download)
 
 
 def blocked_by(spec: StageSpec, incomplete: dict[str, str]) -> str | None:

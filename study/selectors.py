@@ -174,7 +174,9 @@ def _reads_nothing(cfg: Any) -> tuple[str, ...]:
 class Selector:
     """One selector (see the module docstring). ``reads``: the item paths it ranks by (checked
     at plan time against the source kind's metrics); ``example``: a small valid config (docs and
-    the registry sweep)."""
+    the registry sweep); ``rows``: whether the items it returns carry ``row`` (by default when
+    it reads an artifact; a selector that makes new items from the source's, such as the
+    neighbours of an arch, says so here)."""
 
     config_model: type[BaseModel]
     select: Callable[[list[Item], Any], list[Item]]
@@ -183,6 +185,7 @@ class Selector:
     example: Mapping[str, Any] = field(default_factory=dict)
     artifact: Callable[[Any], str | None] = _artifact_field
     reads: Callable[[Any], tuple[str, ...]] = _reads_nothing
+    rows: Callable[[Any], bool] = lambda cfg: _artifact_field(cfg) is not None
 
     def validate(self, fields: Mapping[str, Any]) -> BaseModel:
         return self.config_model.model_validate(dict(fields))

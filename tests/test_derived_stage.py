@@ -99,15 +99,16 @@ def test_selector_bounds():
 
 @pytest.mark.parametrize("name", SELECTORS.names())
 def test_every_registered_selector(name):
-    """Registry sweep: the example config validates, selecting from trial items (and, for a
-    selector that reads artifacts, from row items) returns some of the given items, within
-    the selector's bound, and the same ones on a second call."""
+    """Registry sweep: the example config validates; selecting from trial items (and, for a
+    selector that reads artifacts, from row items) returns items that each descend from a
+    given one (its key and run), within the selector's bound, the same on a second call."""
     sel = SELECTORS.get(name)
     assert sel.description
     cfg = sel.validate(sel.example)
     its = items([0.3, 0.9, 0.1, 0.7, 0.5])
     got = sel.select(its, cfg)
-    assert got and all(any(g is it for it in its) for g in got)
+    runs = {(it["key"], it["run_id"]) for it in its}
+    assert got and all((g["key"], g["run_id"]) in runs for g in got)
     assert len(got) <= sel.max_trials(len(its), cfg)
     assert sel.select(its, cfg) == got
     if "artifact" in sel.config_model.model_fields:
@@ -115,7 +116,8 @@ def test_every_registered_selector(name):
         assert sel.artifact(rcfg) == "rows.json"
         r = rows(3, 4)
         got = sel.select(r, rcfg)
-        assert got and all(any(g is it for it in r) for g in got)
+        assert sel.rows(rcfg) and all("row" in g for g in got)
+        assert got and all((g["key"], g["run_id"]) in runs for g in got)
         bound = sel.max_trials(3, rcfg)
         assert bound is None or len(got) <= bound
 
@@ -279,14 +281,16 @@ GATED = {
          "take": {"index": "config.index"}, "config": {"epochs": 2}},
         {"name": "e", "kind": "calibrate", "from": "b", "select": {"selector": "each_result"}},
         {"name": "f", "kind": "calibrate", "needs": ["c", "e"]},
+        {"name": "g", "kind": "calibrate", "from": "d", "select": {"selector": "each_result"},
+         "take": {"index": "config.index"}, "grid": {"size": [4, 8]}},
     ],
     "profiles": {"smoke": {}},
 }
 
 
 def test_a_stage_runs_only_when_what_it_needs_is_complete(tmp_path, capsys):
-    """a fails: b (needs a) is skipped, e (from b) and f (needs e) too, naming why; c and the
-    stage derived from it still run."""
+    """a fails: b (needs a) is skipped, e (from b) and f (needs e) too, naming why; c, the
+    stage derived from it (d) and the one derived from that (g) still run."""
     from nasrisk.study.runner import StageOutcome, StudyOutcome, run_stages
 
     plan = build_plan(spec_of(tmp_path, GATED), RunOptions())
@@ -299,12 +303,12 @@ def test_a_stage_runs_only_when_what_it_needs_is_complete(tmp_path, capsys):
         return StageOutcome(stage.spec.name, n, 0, n - len(failed), failed)
 
     def items_of(stage):
-        assert stage.spec.name == "d"
+        src = plan.stage(stage.derived.source).trials  # d's trials once d has been derived
         return [{"key": t.key, "run_id": f"r{i}", "name": t.name, "index": i, "config": t.config,
-                 "metrics": {"value": [5.0, 1.0, 3.0][i]}} for i, t in enumerate(plan.stage("c").trials)]
+                 "metrics": {"value": [5.0, 1.0, 3.0][i]}} for i, t in enumerate(src)]
 
     outs = run_stages(plan, run_stage, items_of, "nasrisk resume gated")
-    assert ran == [("a", [0, 1]), ("c", [3, 4, 5]), ("d", [4])]
+    assert ran == [("a", [0, 1]), ("c", [3, 4, 5]), ("d", [4]), ("g", [4, 4])]
     err = capsys.readouterr()
     skipped = [ln for ln in err.err.splitlines() if "skipped" in ln]
     assert skipped == ["[gated/b] skipped: needs a (1 trials failed)",
@@ -313,7 +317,7 @@ def test_a_stage_runs_only_when_what_it_needs_is_complete(tmp_path, capsys):
     assert "[gated/d] derived 1 trials from c: 1 of 3 results selected by best" in err.out
     study = StudyOutcome("gated", "uri", "0", outs)
     assert study.skipped == ["b", "e", "f"] and study.failed == 1
-    assert [o.blocked is None for o in outs] == [True, False, True, True, False, False]
+    assert [o.blocked is None for o in outs] == [True, False, True, True, False, False, True]
 
 
 def test_source_items_from_mlflow_runs_and_their_artifact_rows(tmp_path):
