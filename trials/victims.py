@@ -190,8 +190,10 @@ class VictimSpec(BaseModel):
         return parent.key() if parent is not None else ""
 
     def describe(self) -> str:
-        """The lineage in words: ``"darts@cifar10 -> label_flip(fraction=0.1)"``."""
-        return " -> ".join([f"{self.model}@{self.dataset}", *(s.describe() for s in self.steps)])
+        """The lineage in words: ``"darts@cifar10 -> label_flip(fraction=0.1)"`` (the base
+        seed is named when it is not 0: ``"darts@cifar10 seed=1"``)."""
+        base = f"{self.model}@{self.dataset}" + (f" seed={self.seed}" if self.seed else "")
+        return " -> ".join([base, *(s.describe() for s in self.steps)])
 
     def lineage(self) -> list[dict[str, Any]]:
         """The base's identity, then each step's canonical dump."""
