@@ -238,14 +238,16 @@ def test_metric_names_and_params_come_from_the_entry():
             "victim_acc", "victim_trained", "n_attacked", *ATTACKS.get(name).metrics)
         assert set(run_attack.metric_names(cfg)) <= set(run_attack.metric_names())
         params = run_attack.extra_params(cfg)
-        assert params[tags.P_LINEAGE_KEY] == params["victim_key"] == VictimSpec(**VICTIM).key()
+        assert params[tags.P_LINEAGE_KEY] == VictimSpec(**VICTIM).key()
         assert params[tags.P_PARENT_KEY] == "" and params[tags.P_POISON_FRACTION] == 0.0
         assert params[tags.P_LINEAGE] == "nats@embedded" and params[tags.P_ATTACK] == name
     poisoned = attack_kind.AttackConfig.model_validate(
         {"victim": {**VICTIM, "poison_fraction": 0.2}, "attack": "nes"})
     params = run_attack.extra_params(poisoned)
-    assert params[tags.P_POISON_FRACTION] == 0.2 and "label_flip" in params[tags.P_LINEAGE]
+    assert params[tags.P_POISON_FRACTION] == 0.2
+    assert params[tags.P_LINEAGE] == "nats@embedded -> label_flip(fraction=0.2)"
     assert params[tags.P_LINEAGE_KEY] == VictimSpec(**VICTIM, poison_fraction=0.2).key()
+    assert params[tags.P_PARENT_KEY] == VictimSpec(**VICTIM).key()
 
 
 def test_retried_trial_reuses_finished_parts(first, monkeypatch):

@@ -195,31 +195,16 @@ def run_attack(config: dict, ctx: TrialContext) -> dict[str, float]:
     return out
 
 
-def _victim_lineage(v: VictimSpec) -> dict[str, Any]:
-    # the lineage API (key / parent_key / describe / poison_fraction) of VictimSpec; the
-    # fallbacks serve a VictimSpec without steps (a base model or a label-flip fraction)
-    parent = getattr(v, "parent_key", None)
-    describe = getattr(v, "describe", None)
-    p = float(getattr(v, "poison_fraction", 0.0) or 0.0)
-    base = f"{v.model}@{v.dataset}"
-    return {tags.P_LINEAGE_KEY: v.key(),
-            tags.P_PARENT_KEY: parent() if callable(parent) else "",
-            tags.P_LINEAGE: describe() if callable(describe)
-            else base + (f" -> label_flip(fraction={p:g})" if p > 0 else ""),
-            tags.P_POISON_FRACTION: p}
-
-
 def extra_params(cfg: AttackConfig) -> dict[str, object]:
     """Logged beside the config, so the report groups runs and finds the attacked model
-    without parsing nested keys: the victim's lineage key (also as ``victim_key``), its
-    parent's key, the lineage in words, its poison fraction, model, dataset, MODELS family,
-    and the attack."""
+    without parsing nested keys (and the runner links the run to the model's): the victim's
+    lineage key, its parent's key ("" for a base), the lineage in words, its label-flip
+    fraction, model, dataset, MODELS family, and the attack (study/tags.py ``P_*``)."""
     v = cfg.victim
-    return {**_victim_lineage(v), tags.P_MODEL: v.model, tags.P_DATASET: v.dataset,
-            tags.P_FAMILY: MODELS.meta(v.model).get("family", ""), tags.P_ATTACK: cfg.attack,
-            # the runner links an attack run to its victim's run by this param (as the victim
-            # kind logs it); the same value as the lineage key
-            "victim_key": v.key()}
+    return {tags.P_LINEAGE_KEY: v.key(), tags.P_PARENT_KEY: v.parent_key(),
+            tags.P_LINEAGE: v.describe(), tags.P_POISON_FRACTION: v.poison_fraction,
+            tags.P_MODEL: v.model, tags.P_DATASET: v.dataset,
+            tags.P_FAMILY: MODELS.meta(v.model).get("family", ""), tags.P_ATTACK: cfg.attack}
 
 
 def trial_name(cfg: AttackConfig) -> str:
