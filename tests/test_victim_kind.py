@@ -73,6 +73,21 @@ def test_victim_kind_extra_params_and_name():
     assert kind.trial_name(manual) == "resnet18@embedded"
     poisoned = kind.config_model.model_validate(darts_config(poison_fraction=0.5))
     assert kind.trial_name(poisoned) == "darts@embedded p=0.5"
+    # the lineage params (study/tags.py P_LINEAGE_KEY, P_PARENT_KEY, P_LINEAGE): analysis
+    # pairs a child with its parent's run by them
+    extra = kind.extra_params(poisoned)
+    clean = kind.config_model.model_validate(darts_config())
+    assert extra["lineage_key"] == extra["victim_key"] == poisoned.key() != clean.key()
+    assert extra["parent_key"] == clean.key() == kind.extra_params(clean)["lineage_key"]
+    assert kind.extra_params(clean)["parent_key"] == ""
+    assert extra["lineage"] == "darts@embedded -> label_flip(fraction=0.5)"
+    assert extra["poison_fraction"] == 0.5 and kind.extra_params(clean)["poison_fraction"] == 0.0
+    tuned = kind.config_model.model_validate(
+        darts_config(poison_fraction=0.5, steps=[{"kind": "fine_tune", "lr": 0.1}]))
+    assert kind.trial_name(tuned) == ("darts@embedded -> label_flip(fraction=0.5) -> "
+                                      "fine_tune(epochs=1, lr=0.1)")
+    assert kind.extra_params(tuned)["parent_key"] == poisoned.key()
+    assert kind.extra_params(tuned)["poison_fraction"] == 0.5
     with pytest.raises(ValueError):
         kind.config_model.model_validate(darts_config(unknown=1))
 
