@@ -2,8 +2,10 @@
 
 A study is a list of stages; each stage names a trial kind (a ``TRIAL_KINDS`` entry), the
 resources one trial needs, fixed ``config`` fields of that kind and an optional ``grid`` (the
-product of the listed values). Profiles (``smoke``, ``paper``, ...) override dataset, arch
-count, seed and config fields. Everything is validated here, before Ray starts: an unknown
+product of the listed values), or, for a derived stage, ``from: STAGE`` with ``select`` and
+``take`` (its cases are chosen from that earlier stage's results when it is done).
+Profiles (``smoke``, ``paper``, ...) override dataset, arch count, seed, config fields and a
+derived stage's ``select`` fields. Everything is validated here, before Ray starts: an unknown
 field, kind, dataset or profile, a malformed arch string, a negative epoch count all raise
 :class:`~nasrisk.trials.errors.UserError` with one line naming the problem.
 
@@ -85,8 +87,8 @@ class StageSpec(BaseModel):
     ``key``, ``run_id``, ``row.FIELD``); each selected item is one case, crossed with the
     grid."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, validate_by_name=True,
-                              validate_by_alias=True, serialize_by_alias=True)
+    # `from` is a Python keyword: the field is from_, spelled `from` in YAML (only)
+    model_config = ConfigDict(extra="forbid", frozen=True, serialize_by_alias=True)
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]*$")
     kind: str
     description: str = ""
