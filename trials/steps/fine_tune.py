@@ -38,7 +38,7 @@ class FineTuneStep(BaseModel):
     weight_decay: float | None = Field(None, ge=0)
     schedule: Literal["cosine", "constant"] | None = None
     augment: Literal["none", "crop_flip", "crop_flip_cutout"] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=0, lt=2**32)
 
 
 def apply(parent_model: nn.Module | None, parent_record: dict[str, Any] | None, spec: Any,
