@@ -66,9 +66,9 @@ def describe_plan(plan: StudyPlan, *, workdir: str | Path | None = None,
             mean = statistics.fmean(secs)
             conc = max(1, math.floor(cpus / r.cpu))
             wall = math.ceil(n / conc) * mean
-            upto = "" if d is None else "up to "
+            upto, about = ("", "about") if d is None else ("up to ", "at most about")
             lines.append(f"    measured: {mean:.1f} s per trial (n={len(secs)}) -> {upto}"
-                         f"{mean * n * r.cpu / 3600:.2f} CPU-hours; about {upto}"
+                         f"{mean * n * r.cpu / 3600:.2f} CPU-hours; {about} "
                          f"{fmt_duration(wall)} wall on {cpus} CPUs ({conc} at a time)")
         elif secs:
             lines.append(f"    measured: {statistics.fmean(secs):.1f} s per trial "
