@@ -361,3 +361,17 @@ def test_source_items_from_mlflow_runs_and_their_artifact_rows(tmp_path):
                                         r"cannot read its artifact missing.json") as e:
         source_items(plan2, plan2.stages[1], uri, exp)
     assert "\n" not in str(e.value)
+
+
+def test_a_bound_known_only_after_the_source_runs_is_said_so(tmp_path):
+    from nasrisk.study.estimate import describe_plan
+
+    d = _change(TWO, ["stages", 1, "select"], {"selector": "every_kth", "k": 10,
+                                               "artifact": "trajectory.json"})
+    spec = spec_of(tmp_path, d)
+    plan = build_plan(spec, RunOptions())
+    assert plan.stages[1].derived.upper is None and plan.n_derived is None
+    assert count_trials(spec, "smoke") == [("score", 4), ("best", None), ("again", None)]
+    text = describe_plan(plan, workdir=tmp_path / "wd")
+    assert "+ derived (how many is known once their sources have run)" in text.splitlines()[0]
+    assert "derived from score: up to ? trials" in text
