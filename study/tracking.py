@@ -36,6 +36,8 @@ TAG_STUDY = tags.STUDY
 TAG_STAGE = tags.STAGE
 TAG_KIND = tags.KIND
 TAG_ERROR = tags.ERROR
+TAG_HOST = tags.HOST  # TrialRun.open's `tags` argument hides the module there
+TAG_PID = tags.PID
 # MLflow 3's UI opens an experiment on its runs table only when this experiment tag says the
 # work is model training (values from mlflow/server/js: genai_development,
 # custom_model_development, ...); untagged experiments open on the GenAI overview.
@@ -160,7 +162,7 @@ class TrialRun:
         if run.data.tags.get(TAG_STATUS) == "done":
             return self.run_id  # finished: leave it exactly as it is
         self.client.update_run(self.run_id, status="RUNNING")
-        self.set_tags({tags.HOST: socket.gethostname(), tags.PID: str(os.getpid()),
+        self.set_tags({TAG_HOST: socket.gethostname(), TAG_PID: str(os.getpid()),
                        TAG_STATUS: "running"})
         return self.run_id
 
