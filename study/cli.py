@@ -78,12 +78,18 @@ def studies(show: Annotated[str | None, typer.Option(
         spec = load_spec(name)
         typer.echo(textwrap.fill(f"{name}: {summary_line(spec.description)}", width,
                                  subsequent_indent="    "))
+        derived = {st.name for st in spec.stages if st.from_ is not None}
         for pname, prof in spec.profiles.items():
             counts = count_trials(spec, pname)  # no trial kind imported: no torch
-            per = ", ".join(f"{stage} {n}" for stage, n in counts)
+            per = ", ".join(f"{stage} {'up to ' if stage in derived else ''}"
+                            f"{'?' if n is None else n}" for stage, n in counts)
+            fixed = sum(n or 0 for stage, n in counts if stage not in derived)
+            bounds = [n for stage, n in counts if stage in derived]
+            more = ("" if not bounds else " + up to ?" if None in bounds
+                    else f" + up to {sum(bounds)}")
             default = " (default)" if pname == spec.default_profile else ""
             typer.echo(textwrap.fill(
-                f"--profile {pname}{default}: {sum(n for _, n in counts)} trials ({per}); "
+                f"--profile {pname}{default}: {fixed}{more} trials ({per}); "
                 f"{prof.description}", width, initial_indent="  ", subsequent_indent="      "))
 
 
@@ -285,11 +291,20 @@ def _check_data(p, data_root, workdir, download) -> None:
 def _execute(p, *, workdir, tracking_uri, address, data_root, download, restore, report) -> None:
     from .runner import run_study
 
-    typer.echo(f"nasrisk: study {p.spec.name}, profile {p.profile}, {p.n_trials} trials "
-               f"({', '.join(f'{s.spec.name}: {len(s.trials)}' for s in p.stages)})")
+    def count(s) -> str:
+        if s.derived is None:
+            return str(len(s.trials))
+        return f"derived from {s.derived.source}, up to {'?' if s.derived.upper is None else s.derived.upper}"
+
+    more = "" if p.n_derived == 0 else f" + up to {'?' if p.n_derived is None else p.n_derived} derived"
+    typer.echo(f"nasrisk: study {p.spec.name}, profile {p.profile}, {p.n_trials} trials{more} "
+               f"({', '.join(f'{s.spec.name}: {count(s)}' for s in p.stages)})")
     out = run_study(p, workdir=workdir, tracking_uri=tracking_uri, address=address,
                     data_root=data_root, download=download, restore=restore)
     for s in out.stages:
+        if s.blocked is not None:
+            typer.echo(f"stage {s.stage}: skipped ({s.blocked})")
+            continue
         typer.echo(f"stage {s.stage}: {s.finished + s.skipped}/{s.total} done "
                    f"({s.skipped} from earlier runs), {len(s.failed)} failed, "
                    f"{s.seconds:.0f} s")

@@ -399,7 +399,8 @@ def check_local_resources(stages: list[Any], address: str | None) -> None:
     have = local_resources()
     for st in stages:
         need = {"CPU": st.resources.cpu, "GPU": st.resources.gpu}
-        if st.trials and any(v > have[k] + 1e-9 for k, v in need.items()):
+        runs_trials = bool(st.trials) or getattr(st, "derived", None) is not None
+        if runs_trials and any(v > have[k] + 1e-9 for k, v in need.items()):
             raise UserError(f"stage {st.spec.name}: one trial needs {_fmt(need)}, but this "
                             f"machine has {_fmt(have)} (the local Ray instance gets all of "
                             "it); lower --cpus-per-trial / --gpus-per-trial or the stage's "

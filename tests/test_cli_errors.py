@@ -532,3 +532,13 @@ def test_bad_derived_stages(run_cli, tmp_path, change, needles):
     code, _, err = run_cli("run", f, "--workdir", str(tmp_path / "wd"))
     one_line_error(code, err, *needles)
     assert not (tmp_path / "wd").exists()  # refused before anything (Ray, MLflow) started
+
+
+@pytest.mark.timeout(60)
+def test_a_derived_stage_asking_more_than_the_machine_has_is_refused_before_ray(
+        run_cli, tmp_path):
+    # it has no trials until its source ran, but one trial of it will need these resources
+    f = study_file(tmp_path, DERIVED,
+                   lambda d: d["stages"][1].update(resources={"cpu": 1000}))
+    code, _, err = run_cli("run", f, "--workdir", str(tmp_path / "wd"))
+    one_line_error(code, err, "stage best", "1000 CPU")
