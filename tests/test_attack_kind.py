@@ -54,18 +54,8 @@ def count_training(monkeypatch) -> list:
     return calls
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: these tiny nets only lose time to thread hand-offs on a shared
-    2-core machine (restored after the module)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
-def first(one_thread, tmp_path_factory):
+def first(tmp_path_factory):
     """The first attack trial on a fresh store: it has to train the victim."""
     torch.manual_seed(0)
     root = tmp_path_factory.mktemp("attack")

@@ -10,26 +10,13 @@ from torch import nn
 from nasrisk.trials import ATTACKS
 from nasrisk.trials.attacks.nes import NESOptions, nes, nes_gradient, nes_params, run_nes
 from nasrisk.trials.attacks.targets import select_correct, select_targets
-from nasrisk.trials.context import TrialContext
-from nasrisk.trials.data import load_dataset
-from nasrisk.trials.models.wrapper import Normalized
-from nasrisk.trials.train import TrainConfig, train
 
 
 @pytest.fixture(scope="module")
-def trained():
-    torch.manual_seed(0)
-    data = load_dataset("embedded").subset(1500, 400)
-    net = nn.Sequential(
-        nn.Conv2d(3, 16, 3, stride=2, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
-        nn.Conv2d(16, 32, 3, stride=2, padding=1), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(128, 10))
-    model = Normalized(net, data.info.mean, data.info.std)
-    cfg = TrainConfig(epochs=3, batch_size=32, lr=0.1, augment="none", amp=False,
-                      eval_each_epoch=False)
-    assert train(model, data, cfg, seed=0, ctx=TrialContext(device="cpu"))["test_acc"] > 0.7
+def trained(embedded_cnn):
+    model, data = embedded_cnn
     x, y, _ = select_correct(model, data.x_test, data.y_test, 12, seed=2)
-    return model.eval(), x, y
+    return model, x, y
 
 
 @pytest.mark.outcome

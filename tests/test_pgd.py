@@ -18,31 +18,13 @@ from nasrisk.trials.attacks.pgd import (
     run_targeted,
 )
 from nasrisk.trials.attacks.targets import is_success, select_correct, select_targets
-from nasrisk.trials.context import TrialContext
-from nasrisk.trials.data import load_dataset
-from nasrisk.trials.models.wrapper import Normalized
-from nasrisk.trials.train import TrainConfig, train
-
-
-def tiny_cnn(info) -> nn.Module:
-    net = nn.Sequential(
-        nn.Conv2d(3, 16, 3, stride=2, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
-        nn.Conv2d(16, 32, 3, stride=2, padding=1), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(128, 10))
-    return Normalized(net, info.mean, info.std)
 
 
 @pytest.fixture(scope="module")
-def trained():
-    torch.manual_seed(0)
-    data = load_dataset("embedded").subset(1500, 400)
-    model = tiny_cnn(data.info)
-    cfg = TrainConfig(epochs=3, batch_size=32, lr=0.1, augment="none", amp=False,
-                      eval_each_epoch=False)
-    res = train(model, data, cfg, seed=0, ctx=TrialContext(device="cpu"))
-    assert res["test_acc"] > 0.7  # learnt something: the attack tests below are meaningful
-    x, y, idx = select_correct(model, data.x_test, data.y_test, 64, seed=1)
-    return model.eval(), x, y
+def trained(embedded_cnn):
+    model, data = embedded_cnn
+    x, y, _ = select_correct(model, data.x_test, data.y_test, 64, seed=1)
+    return model, x, y
 
 
 def test_select_correct_and_targets(trained):

@@ -119,8 +119,9 @@ def nes(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *,
     > 0.99) at *any* iterate within ``iters`` (Pang et al. 2022, Sec. 3.2, "within maximum
     iterations"); an input stops at its first success and keeps that iterate.
     ``result.queries`` counts every model query spent on an input: 1 clean + k x (estimate
-    + 1) after k iterations, so at most :meth:`NESParams.max_queries` (``paper``: 1,204
-    most-likely, 2,808 least-likely; ``artifact``: 708), which a failed input spends in full.
+    + 1) after k iterations, so at most :meth:`NESParams.max_queries`
+    (``paper``: 1,204 most-likely, 2,808 least-likely; ``artifact``: 708), which a failed
+    input spends in full.
 
     ``queries_per_estimate``, ``iters``, ``eps`` and ``step`` override the parameter set
     (None = keep it): the smoke profile shrinks ``queries_per_estimate`` only.
