@@ -201,7 +201,12 @@ def test_attack_options_are_the_entrys_and_only_the_trials_own_are_kept():
     assert nes_cfg.options().queries_per_estimate == 20
     # a stage-wide NES option is not part of a PGD trial's config (key, MLflow params)
     assert pgd_cfg.model_dump() == validate({"victim": VICTIM, "attack": "pgd_sweep"}).model_dump()
-    assert pgd_cfg.model_dump()["attack_options"] == {"pgd_sweep": {}}
+    assert pgd_cfg.attack_options == {"pgd_sweep": {}}
+    # the four attacks of before attack_options dump as then (existing workdirs' trial keys)
+    assert set(nes_cfg.model_dump()) == {"victim", "attack", "n_inputs", "params", "seed",
+                                         "batch_size", "nes_queries_per_estimate"}
+    assert nes_cfg.model_dump()["nes_queries_per_estimate"] == 20
+    assert pgd_cfg.model_dump()["nes_queries_per_estimate"] is None
     # the flat field of older study files is the same option (and wins over attack_options)
     sugar = validate({"victim": VICTIM, "attack": "nes", "nes_queries_per_estimate": 20})
     assert sugar.model_dump() == nes_cfg.model_dump()

@@ -51,6 +51,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    model_serializer,
     model_validator,
 )
 
@@ -83,6 +84,8 @@ def _options_error(name: str, e: ValidationError) -> ValueError:
 
 AttackName = Annotated[str, AfterValidator(_is_attack)]
 _COMMON = ("victim_acc", "victim_trained", "n_attacked")
+# the attacks of before attack_options: their trials dump as then (see AttackConfig._dump)
+_LEGACY = ("pgd_targeted", "pgd_sweep", "nes", "pgd_overlap")
 
 
 class AttackConfig(BaseModel):
@@ -142,6 +145,19 @@ class AttackConfig(BaseModel):
             own = ATTACKS.get(self.attack).options().model_dump(mode="json")
         object.__setattr__(self, "attack_options", {self.attack: own})
         return self
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler: Any) -> dict[str, Any]:
+        # trial keys hash this dump: a trial of an attack that existed before attack_options,
+        # with no option but NES's queries_per_estimate, dumps as it did then (the flat
+        # ``nes_queries_per_estimate``, None outside NES), so an existing workdir's attack
+        # trials keep their keys and are not rerun. The dump validates back to the same config.
+        d = handler(self)
+        own = self.attack_options[self.attack]
+        if self.attack in _LEGACY and set(own) <= {"queries_per_estimate"}:
+            d.pop("attack_options")
+            d["nes_queries_per_estimate"] = own.get("queries_per_estimate")
+        return d
 
     def entry(self) -> AttackEntry:
         return ATTACKS.get(self.attack)
