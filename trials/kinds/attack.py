@@ -25,7 +25,9 @@ only the trial's own attack's options stay in its validated config, so a stage-w
 neither changes the PGD trials' keys (no rerun) nor shows up among their MLflow params.
 ``nes_queries_per_estimate: q`` is accepted as ``attack_options: {nes: {queries_per_estimate:
 q}}`` (older study files); given beside ``attack_options``, it wins (a profile that sets it
-overrides the stage's value).
+overrides the stage's value). A trial of ``pgd_targeted``, ``pgd_sweep``, ``nes`` or
+``pgd_overlap`` dumps (trial key, MLflow params) as before ``attack_options`` existed, with the
+flat ``nes_queries_per_estimate`` (None outside NES), so existing workdirs keep their keys.
 
 For PGD and NES an input succeeds when any iterate within the maximum iterations reaches the
 target (Pang et al. 2022, Sec. 3.2) and is kept at its first success. Each finished part (a
