@@ -242,6 +242,8 @@ def run_trial(params: dict[str, Any], runtime: dict[str, Any]) -> None:
         return
     if early:
         run.set_tags({TAG_WARNING: " | ".join(early)[-4000:]})
+    if t.get("source_run_id"):  # a derived stage's trial: the earlier trial it was selected from
+        run.set_tags({tags.SOURCE_RUN_ID: str(t["source_run_id"])})
     lineage_key = params_logged.get(tags.P_LINEAGE_KEY) or params_logged.get("victim_key")
     if t["kind"] != "victim" and lineage_key:
         run.link_victim(str(lineage_key))

@@ -56,3 +56,18 @@ def test_the_genotype_model_builds_the_same_network_as_the_named_one(name):
     other = MODELS.get("genotype")(genotype=format_genotype(GENOTYPES["pdarts"]), **kw)
     assert shapes(other) != shapes(named)
     assert from_string(torch.zeros(1, 3, 28, 28)).shape == (1, 10)
+
+
+def test_a_victim_built_from_a_genotype_string_logs_its_cell_statistics():
+    from nasrisk.trials.kinds.victim import VictimConfig, extra_params
+
+    named = extra_params(VictimConfig(model="pdarts", dataset="embedded"))
+    searched = VictimConfig(model="genotype", dataset="embedded",
+                            model_kwargs={"genotype": format_genotype(GENOTYPES["pdarts"]),
+                                          "C": 8, "layers": 5})
+    extra = extra_params(searched)
+    assert extra["family"] == "searched"
+    assert {k: extra[k] for k in ("cell_depth", "cell_width", "skip_count")} == {
+        k: named[k] for k in ("cell_depth", "cell_width", "skip_count")}
+    assert searched.key() != VictimConfig(model="pdarts", dataset="embedded",
+                                          model_kwargs={"C": 8, "layers": 5}).key()

@@ -256,3 +256,8 @@ def test_derived_stage_killed_then_resumed_selects_the_same_trials(tmp_path):
     assert sorted(int(r.data.params["index"]) for r in stage_runs("top")) == sorted(
         int(r.data.params["index"]) for r in best)
     assert all(r.data.metrics["epochs_run"] >= 1 for r in stage_runs("top"))
+    # each derived trial's run names the run it was selected from (tag nasrisk.source_run_id)
+    by_id = {r.info.run_id: r for r in best}
+    for r in stage_runs("top"):
+        src = by_id[r.data.tags["nasrisk.source_run_id"]]
+        assert src.data.params["index"] == r.data.params["index"]

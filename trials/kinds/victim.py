@@ -28,7 +28,8 @@ from pydantic import Field
 from ..context import TrialContext
 from ..metrics.contours import loss_contour_input, loss_contour_params, plot_contour
 from ..metrics.grad_var import gradient_variance, kaiming_init_
-from ..models.darts.stats import genotype_stats
+from ..models.darts.genotypes import parse_genotype
+from ..models.darts.stats import genotype_stats, stats_of
 from ..registry import MODELS, TRIAL_KINDS
 from ..victims import VictimSpec, build_model, ensure_victim, victim_data
 from .base import TrialKind
@@ -101,8 +102,12 @@ def extra_params(cfg: VictimConfig) -> dict[str, Any]:
                              "lineage": cfg.describe(), "victim_key": key,
                              "poison_fraction": cfg.poison_fraction,
                              "family": MODELS.meta(cfg.model).get("family", "")}
-    if "genotype" in MODELS.meta(cfg.model):  # a named genotype (not a genotype string)
+    stats = None
+    if "genotype" in MODELS.meta(cfg.model):  # a named genotype
         stats = genotype_stats(cfg.model)
+    elif isinstance(cfg.model_kwargs.get("genotype"), str):  # MODELS["genotype"]: a string
+        stats = stats_of(parse_genotype(str(cfg.model_kwargs["genotype"])))
+    if stats is not None:
         extra.update(cell_depth=stats["depth"], cell_width=stats["width"],
                      skip_count=stats["skip"])
     return extra

@@ -82,7 +82,11 @@ def genotype_stats(name: str) -> dict[str, Any]:
     """Depth, width (units of c) and skip count of the normal cell of genotype ``name`` (the
     AutoML paper's Table 3 definitions), plus Shu et al.'s fractional width and the reduction
     cell's skip count (see the module docstring)."""
-    g = get_genotype(name)
+    return stats_of(get_genotype(name), name)
+
+
+def stats_of(g: Genotype, name: str = "") -> dict[str, Any]:
+    """:func:`genotype_stats` of a genotype given as data (e.g. one a search found)."""
     return {"name": name, "depth": cell_depth(g), "width": cell_width(g), "skip": skip_count(g),
             "width_shu": cell_width_shu(g), "skip_reduce": skip_count(g, "reduce")}
 
