@@ -18,3 +18,17 @@ def test_no_unsafe_loading_in_the_product():
                  for i, line in enumerate(p.read_text().splitlines(), 1)
                  if "torch.load(" in line and "weights_only=True" not in line]
     assert offenders == []
+
+
+def test_trials_never_imports_study_or_analysis():
+    # the layering of STYLE.md: study/ wraps trials/, analysis/ reads MLflow; trials/ knows
+    # neither (nor ray, nor mlflow: the test above)
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent / "trials"
+    bad = [f"{p.relative_to(root.parent)}:{i}" for p in root.rglob("*.py")
+           for i, line in enumerate(p.read_text().splitlines(), 1)
+           if re.match(r"\s*(from|import)\s+(nasrisk\.(study|analysis)|\.\.+(study|analysis))\b",
+                       line)]
+    assert not bad, bad

@@ -238,3 +238,18 @@ def test_trial_kind(name, store, tmp_path):
         declared = set(kind.metric_names(cfg))
         assert set(out) == declared, (set(out) - declared, declared - set(out))
         assert all(isinstance(v, float) for v in out.values())
+
+
+def test_model_kinds_log_the_param_names_the_report_reads():
+    # trials/ does not import study/: the victim and attack kinds spell the store-key params
+    # out, and they must be study/tags.py's names, which analysis/ reads
+    from nasrisk.study import tags
+
+    names = {tags.P_LINEAGE_KEY, tags.P_PARENT_KEY, tags.P_LINEAGE, tags.P_POISON_FRACTION,
+             tags.P_FAMILY}
+    for kind in ("victim", "attack"):
+        k = TRIAL_KINDS.get(kind)
+        assert names <= set(k.extra_params(k.validate(TINY[kind]["config"]))), kind
+    attack = TRIAL_KINDS.get("attack")
+    extra = attack.extra_params(attack.validate(TINY["attack"]["config"]))
+    assert {tags.P_MODEL, tags.P_DATASET, tags.P_ATTACK} <= set(extra)

@@ -57,7 +57,6 @@ from pydantic import (
     model_validator,
 )
 
-from ...study import tags  # the param names the report reads (constants: no MLflow, no Ray)
 from ..attacks.entry import AttackCommon, AttackEntry, AttackInputs, fixed_indices
 from ..attacks.targets import clean_logits, select_correct
 from ..context import TrialContext
@@ -217,12 +216,13 @@ def extra_params(cfg: AttackConfig) -> dict[str, object]:
     """Logged beside the config, so the report groups runs and finds the attacked model
     without parsing nested keys (and the runner links the run to the model's): the victim's
     lineage key, its parent's key ("" for a base), the lineage in words, its label-flip
-    fraction, model, dataset, MODELS family, and the attack (study/tags.py ``P_*``)."""
+    fraction, model, dataset, MODELS family, and the attack (named as study/tags.py's ``P_*``)."""
     v = cfg.victim
-    return {tags.P_LINEAGE_KEY: v.key(), tags.P_PARENT_KEY: v.parent_key(),
-            tags.P_LINEAGE: v.describe(), tags.P_POISON_FRACTION: v.poison_fraction,
-            tags.P_MODEL: v.model, tags.P_DATASET: v.dataset,
-            tags.P_FAMILY: MODELS.meta(v.model).get("family", ""), tags.P_ATTACK: cfg.attack}
+    # the names are study/tags.py's P_* (trials/ does not import study/; test_registry_sweep
+    # checks the two agree)
+    return {"lineage_key": v.key(), "parent_key": v.parent_key(), "lineage": v.describe(),
+            "poison_fraction": v.poison_fraction, "model": v.model, "dataset": v.dataset,
+            "family": MODELS.meta(v.model).get("family", ""), "attack": cfg.attack}
 
 
 def trial_name(cfg: AttackConfig) -> str:
