@@ -98,6 +98,16 @@ def _classifier_builder(cfg: EvasConfig):
     return build
 
 
+def kappa_batch(data, batch_size: int, seed: int, device: torch.device | str) -> torch.Tensor:
+    """The kappa scoring batch (PROTOCOLS 5 "Score kappa"): ``batch_size`` training inputs
+    drawn by a permutation seeded with ``seed``, augmented (crop + flip) by the same generator.
+    One home, so every trial kind that scores kappa (``evas``, ``kappa_atlas``) scores an arch
+    on the same batch."""
+    gen = torch.Generator().manual_seed(seed)
+    idx = torch.randperm(len(data.y_train), generator=gen)[:batch_size]
+    return augment(to_float(data.x_train[idx]), "crop_flip", generator=gen).to(device)
+
+
 def run_evas(config: dict, ctx: TrialContext) -> dict[str, float]:
     cfg = EvasConfig.model_validate(config)
     data = load_dataset(cfg.dataset, root=ctx.data_root, download=ctx.download)
@@ -109,9 +119,7 @@ def run_evas(config: dict, ctx: TrialContext) -> dict[str, float]:
     scores = ctx.load_state("kappa")
     if scores is None:
         t0 = time.perf_counter()
-        gen = torch.Generator().manual_seed(cfg.seed)
-        idx = torch.randperm(len(data.y_train), generator=gen)[: cfg.kappa.batch_size]
-        x = augment(to_float(data.x_train[idx]), "crop_flip", generator=gen).to(ctx.device)
+        x = kappa_batch(data, cfg.kappa.batch_size, cfg.seed, ctx.device)
         channels = cfg.generator.channels
         scores = dict(kappa_scores(build, x,
                                    build_generator=lambda: TriggerGenerator(channels=channels),
