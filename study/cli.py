@@ -282,10 +282,27 @@ def _check_data(p, data_root, workdir, download) -> None:
     from .workdir import Workdir as WD
 
     root = Path(data_root) if data_root else WD.at(workdir).data
-    names = {t.config.get("dataset") for s in p.stages for t in s.trials} - {None}
+    names: set[str] = set()
+    for s in p.stages:
+        for t in s.trials:
+            _datasets(t.config, names)
     for n in sorted(names):
         if n != "embedded":
             load_dataset(n, root=root, download=download)
+
+
+def _datasets(config, out: set[str]) -> None:
+    """Every ``dataset`` field of a config, nested ones included (an attack's victim, a
+    defense's model)."""
+    if isinstance(config, dict):
+        for k, v in config.items():
+            if k == "dataset" and isinstance(v, str):
+                out.add(v)
+            else:
+                _datasets(v, out)
+    elif isinstance(config, list):
+        for v in config:
+            _datasets(v, out)
 
 
 def _execute(p, *, workdir, tracking_uri, address, data_root, download, restore, report) -> None:

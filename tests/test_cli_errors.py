@@ -542,3 +542,16 @@ def test_a_derived_stage_asking_more_than_the_machine_has_is_refused_before_ray(
                    lambda d: d["stages"][1].update(resources={"cpu": 1000}))
     code, _, err = run_cli("run", f, "--workdir", str(tmp_path / "wd"))
     one_line_error(code, err, "stage best", "1000 CPU")
+
+
+@pytest.mark.timeout(60)
+def test_a_missing_dataset_of_a_nested_victim_is_named_before_ray(run_cli, tmp_path):
+    # the attack stage's dataset sits inside its victim: it is checked as the top-level one is
+    study = {"name": "nested", "default_profile": "smoke", "profiles": {"smoke": {}},
+             "stages": [{"name": "attacks", "kind": "attack",
+                         "config": {"victim": {"model": "resnet18", "dataset": "cifar10"},
+                                    "attack": "pgd_targeted", "n_inputs": 2}}]}
+    f = study_file(tmp_path, study, lambda d: None)
+    code, _, err = run_cli("run", f, "--workdir", str(tmp_path / "wd"),
+                           "--data-root", str(tmp_path / "nodata"))
+    one_line_error(code, err, "cifar-10-batches-py", "--download")
