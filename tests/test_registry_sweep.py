@@ -221,6 +221,10 @@ TINY = {
                       "channels": [4, 8, 8]},
         "kappa": {"batch_size": 8, "n_init": 1}, "max_train_examples": 128,
         "max_test_examples": 64, "generator_train_examples": 64}, "run": True},
+    "evas_search": {"config": {
+        "pool_size": 3, "sample_size": 2, "iterations": 3, "dataset": "embedded", "C": 4,
+        "N": 1, "kappa": {"batch_size": 8, "n_init": 1}, "generator_channels": [4, 8, 8],
+        "max_train_examples": 128}, "run": True},
 }
 
 

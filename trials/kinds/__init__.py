@@ -3,5 +3,6 @@ from . import (
     attack,  # noqa: F401
     calibrate,  # noqa: F401
     evas,  # noqa: F401
+    evas_search,  # noqa: F401
     victim,  # noqa: F401
 )
