@@ -28,6 +28,8 @@ What an entry takes and returns, per registry:
   ``config, ctx -> metrics``, config model, metric names, run naming).
 * ``STEP_KINDS``: a lineage step kind (:mod:`nasrisk.trials.lineage`): its typed config and the
   function that makes a child model from its parent.
+* ``DEFENSES``: a :class:`~nasrisk.trials.defenses.entry.DefenseEntry` (``run(model, inputs,
+  options, ctx, key) -> metrics`` on one trained model, its options model, metric names, source).
 """
 
 from __future__ import annotations
@@ -130,6 +132,7 @@ ATTACKS: Registry[Any] = Registry("attack", ("nasrisk.trials.attacks",))  # Atta
 METRICS: Registry[Any] = Registry("metric", ("nasrisk.trials.metrics",))  # MetricEntry
 TRIAL_KINDS: Registry[Any] = Registry("trial kind", ("nasrisk.trials.kinds",))
 STEP_KINDS: Registry[Any] = Registry("step kind", ("nasrisk.trials.steps",))
+DEFENSES: Registry[Any] = Registry("defense", ("nasrisk.trials.defenses",))  # DefenseEntry
 
 
 #: config field types that accept only registered names (validated before Ray starts)
