@@ -225,6 +225,7 @@ TINY = {
         "pool_size": 3, "sample_size": 2, "iterations": 3, "dataset": "embedded", "C": 4,
         "N": 1, "kappa": {"batch_size": 8, "n_init": 1}, "generator_channels": [4, 8, 8],
         "max_train_examples": 128}, "run": True},
+    "kappa_atlas": {"config": {"limit": 2, "dataset": "embedded", "C": 4, "N": 1, "batch_size": 4, "n_init": 1, "bn_modes": ["eval"], "variants": ["bare"], "max_train_examples": 128}, "run": True},
 }
 
 
