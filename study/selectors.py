@@ -116,10 +116,20 @@ def by_run(items: list[Item]) -> list[list[Item]]:
 # -- configs -----------------------------------------------------------------------------------
 class FromArtifact(BaseModel):
     """Fields every selector has. ``artifact``: items are the rows of this JSON file (a list
-    of dicts) each source run logged, instead of the source trials themselves."""
+    of dicts) each source run logged, instead of the source trials themselves. ``where``:
+    keep only the items whose value at each path equals the given one (``{config.method:
+    evolution}``) before selecting."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     artifact: str | None = Field(None, min_length=1)
+    where: dict[str, str | int | float | bool] = {}
+
+    @field_validator("where")
+    @classmethod
+    def _where_paths(cls, v: dict[str, Any]) -> dict[str, Any]:
+        for path in v:
+            split_path(path)  # raises ValueError on a malformed path
+        return v
 
     @field_validator("artifact")
     @classmethod
@@ -166,8 +176,20 @@ def _artifact_field(cfg: Any) -> str | None:
     return getattr(cfg, "artifact", None)
 
 
-def _reads_nothing(cfg: Any) -> tuple[str, ...]:
-    return ()
+def _reads_where(cfg: Any) -> tuple[str, ...]:
+    return tuple(getattr(cfg, "where", {}))
+
+
+def matching(items: list[Item], cfg: Any) -> list[Item]:
+    """The items that satisfy ``cfg.where`` (all of them when it is empty)."""
+    where = getattr(cfg, "where", {})
+
+    def ok(it: Item) -> bool:
+        try:
+            return all(item_value(it, p) == v for p, v in where.items())
+        except MissingValue:
+            return False
+    return [it for it in items if ok(it)] if where else items
 
 
 @dataclass(frozen=True)
@@ -184,7 +206,7 @@ class Selector:
     description: str
     example: Mapping[str, Any] = field(default_factory=dict)
     artifact: Callable[[Any], str | None] = _artifact_field
-    reads: Callable[[Any], tuple[str, ...]] = _reads_nothing
+    reads: Callable[[Any], tuple[str, ...]] = _reads_where
     rows: Callable[[Any], bool] = lambda cfg: _artifact_field(cfg) is not None
 
     def validate(self, fields: Mapping[str, Any]) -> BaseModel:
@@ -196,10 +218,11 @@ SELECTORS: Registry[Selector] = Registry("selector")
 
 
 def _reads_metric(cfg: Ranked) -> tuple[str, ...]:
-    return (metric_path(cfg.metric),)
+    return (metric_path(cfg.metric), *_reads_where(cfg))
 
 
 def _best(items: list[Item], cfg: Ranked) -> list[Item]:
+    items = matching(items, cfg)
     groups = by_run(items) if cfg.per_run else [items]
     return [rank(g, metric_path(cfg.metric), cfg.mode)[0] for g in groups if g]
 
@@ -218,6 +241,7 @@ SELECTORS.register("best", Selector(
 
 
 def _top_k(items: list[Item], cfg: TopK) -> list[Item]:
+    items = matching(items, cfg)
     groups = by_run(items) if cfg.per_run else [items]
     return [it for g in groups for it in rank(g, metric_path(cfg.metric), cfg.mode)[:cfg.k]]
 
@@ -239,6 +263,7 @@ SELECTORS.register("top_k", Selector(
 
 
 def _every_kth(items: list[Item], cfg: EveryKth) -> list[Item]:
+    items = matching(items, cfg)
     groups = by_run(items) if cfg.artifact is not None else [items]
     return [it for g in groups for it in g[::cfg.k]]
 
@@ -257,7 +282,7 @@ SELECTORS.register("every_kth", Selector(
 
 
 def _each(items: list[Item], cfg: FromArtifact) -> list[Item]:
-    return list(items)
+    return list(matching(items, cfg))
 
 
 def _each_max(n: int | None, cfg: FromArtifact) -> int | None:
