@@ -15,9 +15,10 @@ prunes that module's output channels (dim 1) instead. A pruned channel is zeroed
 the rest of the trial (fine-tuning included), as removing the filter would.
 
 Metrics: ``fp_channels`` and, before pruning, ``fp_acc_before`` / ``fp_asr_before``; per
-ratio ``r`` (``{r:g}``, e.g. ``0.2``): ``fp_pruned_r{r}`` (channels zeroed, always
-``round(r * channels)``), ``fp_acc_pruned_r{r}``, ``fp_asr_pruned_r{r}``,
-``fp_acc_ft_r{r}``, ``fp_asr_ft_r{r}``. ASR is NaN when the trial has no trigger inputs.
+ratio ``r`` (``R`` = ``r`` in percent, ``.`` spelt ``p``: 0.2 -> ``20``, 0.125 ->
+``12p5``): ``fp_pruned_rR`` (channels zeroed, always
+``round(r * channels)``), ``fp_acc_pruned_rR``, ``fp_asr_pruned_rR``, ``fp_acc_ft_rR``,
+``fp_asr_ft_rR``. ASR is NaN when the trial has no trigger inputs.
 
 Deviations: Liu et al. prune step by step until the clean validation accuracy falls by 4% and
 rank post-ReLU conv activations; we sweep fixed ratios and rank the layer's mean activation
@@ -65,7 +66,9 @@ class FinePruningOptions(BaseModel):
 
 
 def _tag(r: float) -> str:
-    return f"r{r:g}"
+    # the ratio in percent, "." spelt "p" (0.2 -> "r20", 0.125 -> "r12p5"): metric names stay
+    # one token for a derived stage's ``take: metrics.NAME``
+    return "r" + f"{r * 100:g}".replace(".", "p")
 
 
 def metric_names(opts: FinePruningOptions) -> tuple[str, ...]:

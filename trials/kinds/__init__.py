@@ -2,6 +2,7 @@
 from . import (
     attack,  # noqa: F401
     calibrate,  # noqa: F401
+    defense,  # noqa: F401
     evas,  # noqa: F401
     evas_search,  # noqa: F401
     kappa_atlas,  # noqa: F401
