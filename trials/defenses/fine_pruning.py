@@ -15,10 +15,9 @@ prunes that module's output channels (dim 1) instead. A pruned channel is zeroed
 the rest of the trial (fine-tuning included), as removing the filter would.
 
 Metrics: ``fp_channels`` and, before pruning, ``fp_acc_before`` / ``fp_asr_before``; per
-ratio ``r`` (``R`` = ``r`` in percent, ``.`` spelt ``p``: 0.2 -> ``20``, 0.125 ->
-``12p5``): ``fp_pruned_rR`` (channels zeroed, always
-``round(r * channels)``), ``fp_acc_pruned_rR``, ``fp_asr_pruned_rR``, ``fp_acc_ft_rR``,
-``fp_asr_ft_rR``. ASR is NaN when the trial has no trigger inputs.
+ratio ``r`` (a multiple of 5%, so every name is known up front; ``R`` = ``r`` in percent:
+0.2 -> ``20``): ``fp_pruned_rR`` (channels zeroed, always ``round(r * channels)``),
+``fp_acc_pruned_rR``, ``fp_asr_pruned_rR``, ``fp_acc_ft_rR``, ``fp_asr_ft_rR``. ASR is NaN when the trial has no trigger inputs.
 
 Deviations: Liu et al. prune step by step until the clean validation accuracy falls by 4% and
 rank post-ReLU conv activations; we sweep fixed ratios and rank the layer's mean activation
@@ -60,15 +59,21 @@ class FinePruningOptions(BaseModel):
     @field_validator("ratios")
     @classmethod
     def _ratios(cls, v: tuple[float, ...]) -> tuple[float, ...]:
-        if not v or any(not 0.0 <= r < 1.0 for r in v) or len(set(v)) != len(v):
-            raise ValueError(f"ratios must be distinct numbers in [0, 1), got {list(v)}")
-        return tuple(v)
+        steps = [r / RATIO_STEP for r in v]
+        if (not v or any(not 0.0 <= r < 1.0 for r in v)
+                or any(abs(k - round(k)) > 1e-9 for k in steps)
+                or len({round(k) for k in steps}) != len(v)):
+            raise ValueError(f"ratios must be distinct multiples of {RATIO_STEP} in [0, 1), "
+                             f"got {list(v)}")
+        return tuple(round(k) / round(1 / RATIO_STEP) for k in steps)
+
+
+#: ratios are multiples of this (5%), so the metric names of every sweep are known up front
+RATIO_STEP = 0.05
 
 
 def _tag(r: float) -> str:
-    # the ratio in percent, "." spelt "p" (0.2 -> "r20", 0.125 -> "r12p5"): metric names stay
-    # one token for a derived stage's ``take: metrics.NAME``
-    return "r" + f"{r * 100:g}".replace(".", "p")
+    return f"r{round(r * 100)}"  # 0.2 -> "r20": one token for ``take: metrics.NAME``
 
 
 def metric_names(opts: FinePruningOptions) -> tuple[str, ...]:
@@ -193,6 +198,7 @@ def fine_pruning(model: nn.Module, inputs: DefenseInputs, options: FinePruningOp
 
 DEFENSES.register("fine_pruning", DefenseEntry(
     run=fine_pruning, options=FinePruningOptions,
-    metrics=metric_names(FinePruningOptions()), metrics_for=metric_names,
+    metrics=metric_names(FinePruningOptions(ratios=tuple(k / 20 for k in range(20)))),
+    metrics_for=metric_names,
     source="Liu et al., RAID 2018, Sec. 4-5 (EVAS Table 5)",
     description="prune the last conv layer's dormant channels at swept ratios, then fine-tune"))
