@@ -226,6 +226,10 @@ TINY = {
         "N": 1, "kappa": {"batch_size": 8, "n_init": 1}, "generator_channels": [4, 8, 8],
         "max_train_examples": 128}, "run": True},
     "kappa_atlas": {"config": {"limit": 2, "dataset": "embedded", "C": 4, "N": 1, "batch_size": 4, "n_init": 1, "bn_modes": ["eval"], "variants": ["bare"], "max_train_examples": 128}, "run": True},
+    "defense": {"config": {"victim": {**VICTIM, "steps": [{"kind": "badnet", "epochs": 1}]},
+                           "defense": "strip", "n_inputs": 4,
+                           "defense_options": {"strip": {"n_superimpose": 2, "pool": 8}}},
+                "run": True},
 }
 
 
