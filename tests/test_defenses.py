@@ -140,6 +140,7 @@ def test_strip_entropy_and_auroc_match_brute_force():
     assert auroc(pos, neg) == pytest.approx(sum(pairs) / len(pairs))
 
 
+@pytest.mark.outcome
 def test_fine_pruning_removes_exactly_the_asked_channels(pair):
     _, bad, data = pair
     x = data.x_train[:64].float() / 255
@@ -168,6 +169,7 @@ def test_fine_pruning_removes_exactly_the_asked_channels(pair):
     assert set(out) == set(DEFENSES.get("fine_pruning").metric_names(opts))
     assert out["fp_channels"] == 32 and out["fp_pruned_r50"] == 16 and out["fp_pruned_r90"] == 29
     # pruning 90% of the last layer costs clean accuracy, fine-tuning wins some back
+    # (measured, seeds 0-2: 0.88-0.91 -> 0.38-0.56 pruned -> higher after one epoch)
     assert out["fp_acc_pruned_r90"] < out["fp_acc_before"] - 0.1
     assert out["fp_acc_ft_r90"] > out["fp_acc_pruned_r90"]
     assert all(0 <= out[k] <= 1 for k in out if "_acc_" in k or "_asr_" in k)

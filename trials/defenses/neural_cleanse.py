@@ -24,10 +24,11 @@ if flagged, else -1), ``nc_target_norm`` (the L1 norm of that class's mask, pixe
 Deviations: the paper's cost schedule (lambda 0 until the attack succeeds, then ``init_cost``,
 raised by 1.5x after ``patience`` epochs of success and lowered by 1.5^1.5 after ``patience``
 epochs without, with early stopping) is simplified to: every ``patience`` steps each class's
-lambda is multiplied by ``cost_multiplier`` when its success rate on that batch reached
-``attack_threshold`` and divided by ``cost_multiplier ** 1.5`` otherwise, for a fixed number
-of ``steps``; a class's norm is that of the smallest mask that reached the threshold on a
-batch (the last mask when none did). The optimisation runs on ``n_inputs`` of the defender's
+lambda is multiplied by ``cost_multiplier`` when its success rate reached
+``attack_threshold`` on every batch since the last update and divided by
+``cost_multiplier ** 1.5`` otherwise, for a fixed number of ``steps``; a class's norm is
+that of the smallest mask that reached the threshold on a batch (the last mask when none
+did). The optimisation runs on ``n_inputs`` of the defender's
 clean training images (the paper: its clean validation set).
 """
 
@@ -85,6 +86,7 @@ def reverse_engineer(model: nn.Module, x: torch.Tensor, num_classes: int,
     best = torch.full((k,), float("inf"), device=dev)
     targets = torch.arange(k, device=dev)
     was = model.training
+    grads = [p.requires_grad for p in model.parameters()]
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
@@ -120,8 +122,8 @@ def reverse_engineer(model: nn.Module, x: torch.Tensor, num_classes: int,
             last = (torch.tanh(w_mask) / 2 + 0.5).flatten(1).sum(1)
         return torch.where(torch.isfinite(best), best, last).detach().cpu()
     finally:
-        for p in model.parameters():
-            p.requires_grad_(True)
+        for p, g in zip(model.parameters(), grads, strict=True):
+            p.requires_grad_(g)
         model.train(was)
 
 
