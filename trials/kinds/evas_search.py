@@ -146,15 +146,17 @@ def run_search_trial(cfg: EvasSearchConfig, ctx: TrialContext, score) -> dict[st
     clock = {"last": t0, "iter_s": 0.0, "n_iter": 0}
 
     def on_step(s: evo.SearchState) -> None:
-        ctx.save_state(STATE_KEY, {"search": s.to_dict(), "cache": cache.state(),
-                                   "seconds": spent + time.perf_counter() - t0},
-                       metrics={"iteration": s.iteration, "evaluations": s.evaluations})
+        # metrics before the checkpoint: a search killed in between logs this step again when
+        # it resumes (the same values; the report keeps one per step), never leaves a gap
         last_it = s.hist_iteration[-1]
         if last_it > 0:
             ctx.log_metrics({"score": evo.rank_value(s.hist_score[-1]),
                              "best_so_far": s.best}, step=last_it)
         elif s.evaluations == s.pool_size:  # the initial pool is scored: its best is step 0
             ctx.log_metrics({"score": s.best, "best_so_far": s.best}, step=0)
+        ctx.save_state(STATE_KEY, {"search": s.to_dict(), "cache": cache.state(),
+                                   "seconds": spent + time.perf_counter() - t0},
+                       metrics={"iteration": s.iteration, "evaluations": s.evaluations})
         now = time.perf_counter()
         if last_it > 0:
             clock["iter_s"] += now - clock["last"]
