@@ -75,8 +75,8 @@ def inputs_of(data: ImageData, trigger: PatchTrigger | None = TRIGGER, n: int = 
 
 @pytest.mark.outcome
 def test_the_shared_backdoor_is_planted(pair):
-    # measured (seeds 0-3, native and ATEN_CPU_CAPABILITY=default): ASR 0.996-1.0 against a
-    # base rate <= 0.015, clean accuracy 0.87-0.91 for both models
+    # measured (pair seeds 0-3, native and ATEN_CPU_CAPABILITY=default): ASR 0.996-1.0 against
+    # a base rate <= 0.015, clean accuracy 0.87-0.91 for both models
     clean, bad, data = pair
     assert patch_asr(bad, data.x_test, data.y_test, TRIGGER, device="cpu") > 0.9
     assert patch_asr(clean, data.x_test, data.y_test, TRIGGER, device="cpu") < 0.1
@@ -85,10 +85,12 @@ def test_the_shared_backdoor_is_planted(pair):
 
 @pytest.mark.outcome
 def test_neural_cleanse_flags_the_badnet_target_and_not_the_clean_model(pair):
-    # measured at these options (seeds 0-3 of the pair, native and default kernels): backdoored
-    # target-class index 2.4-4.8 (mask L1 4-8 px vs median 23-32), flagged class 0 each time;
-    # clean model: target-class index 0.17-0.67, nothing flagged at 400 steps (at 200 steps a
-    # clean seed had a non-target class flagged: the masks had not converged)
+    # measured at these options (pair seeds 0-3, native and ATEN_CPU_CAPABILITY=default):
+    # backdoored target-class index 2.36-4.75 (mask L1 4-8 px vs median 23-32), class 0
+    # flagged in all 8 runs; clean model: target-class index 0.20-0.97. On the clean model the
+    # smallest-norm class was an outlier (index > 2) in 1 of the 8 runs (seed 1, default
+    # kernels): NeuralCleanse's false positives on a tiny net, so the clean assertion is about
+    # the target class, as the issue states it (index <= 2, not the flagged class)
     clean, bad, data = pair
     opts = NeuralCleanseOptions(steps=300, batch_size=12, n_inputs=256, init_cost=1e-2)
     out_bad = neural_cleanse(bad, inputs_of(data), opts)
@@ -96,8 +98,8 @@ def test_neural_cleanse_flags_the_badnet_target_and_not_the_clean_model(pair):
     assert out_bad["nc_flagged_class"] == 0.0
     assert out_bad["nc_target_norm"] < 0.5 * out_bad["nc_median_norm"]
     out_clean = neural_cleanse(clean, inputs_of(data), opts)
-    assert out_clean["nc_anomaly_index"] <= 2 and out_clean["nc_flagged"] == 0.0
-    assert out_clean["nc_flagged_class"] == -1.0
+    assert out_clean["nc_anomaly_index"] <= 2 and out_clean["nc_flagged_class"] != 0.0
+    assert out_clean["nc_target_norm"] > 0.5 * out_clean["nc_median_norm"]
 
 
 def test_anomaly_index_is_the_mad_outlier_score():
@@ -111,8 +113,8 @@ def test_anomaly_index_is_the_mad_outlier_score():
 
 @pytest.mark.outcome
 def test_strip_tells_patched_from_clean_inputs(pair):
-    # measured (seeds 0-3, both kernels, 10 blends): AUROC 0.96-0.99 on the BadNet model,
-    # 0.48-0.52 on the clean model with the same patch (the patch means nothing to it)
+    # measured (pair seeds 0-3, native and default kernels, 10 blends): AUROC 0.945-1.0 on the
+    # BadNet model, 0.476-0.511 on the clean model with the same patch (it means nothing there)
     clean, bad, data = pair
     opts = StripOptions(n_superimpose=10, pool=300)
     out = strip(bad, inputs_of(data), opts)
