@@ -184,8 +184,10 @@ def build_evas_search_report(tracking_uri: str, experiment: str, out_dir: str | 
                                     kind="stable").reset_index(drop=True)
     methods = {r: str(m) for r, m in zip(search["run_id"], _col(search, param_col("method")),
                                          strict=True)}
-    seeds = {r: s for r, s in zip(search["run_id"], _col(search, param_col("search_seed")),
-                                  strict=True)}
+    # the param column is float when other stages' runs lack it: seeds are integers
+    seeds = {r: int(s) if isinstance(s, (int, float)) and math.isfinite(s) else s
+             for r, s in zip(search["run_id"], _col(search, param_col("search_seed")),
+                             strict=True)}
     labels = {r: f"{methods[r]} seed {seeds[r]}" for r in search["run_id"]}
     curves = {r: _curves(tracking_uri, r) for r in search["run_id"]}
     first: dict[tuple[str, str], int] = {}
