@@ -16,7 +16,7 @@ trials, Ray start-up excluded and included), the seconds per arch, the checkpoin
 * whole study: 1 - (sum of scoring seconds) / (stage wall time x concurrent trials), which
   adds actor start-up, scheduling and the tail where fewer trials than slots run.
 
-    nice -n 10 .venv/bin/python bench/bench_atlas.py            # smoke: 200 archs, 4 chunks
+    nice -n 10 .venv/bin/python bench/bench_atlas.py            # smoke: 200 archs, 2 chunks
     .venv/bin/python bench/bench_atlas.py --limit 40 --chunks 2  # a quick look
 """
 

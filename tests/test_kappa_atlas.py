@@ -143,7 +143,7 @@ def test_builtin_study_plans_the_chunks():
     from nasrisk.trials.kinds.kappa_atlas import atlas_size, extra_params
 
     spec = load_spec("evas-atlas")
-    for profile, n, size in (("smoke", 4, 200), ("paper", 250, 15_625), ("unique", 100, 6_466)):
+    for profile, n, size in (("smoke", 2, 200), ("paper", 250, 15_625), ("unique", 100, 6_466)):
         trials = build_plan(spec, RunOptions(profile=profile)).stages[0].trials
         assert len(trials) == n and count_trials(spec, profile) == [("atlas", n)]
         cfgs = [AtlasConfig.model_validate(t.config) for t in trials]

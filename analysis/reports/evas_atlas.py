@@ -248,7 +248,7 @@ def hist_figure(atlas: pd.DataFrame, path: Path, title: str) -> Path:
             ax.set_xscale("log")
             set_log_ticks(ax.xaxis, fin.min(), fin.max())
             ax.axvline(np.median(fin), color="black", linewidth=0.8)
-        ax.set_title(f"{m}, {v}: median {np.median(raw):.3g}, "
+        ax.set_title(f"{m}, {v}\nmedian {np.median(raw):.3g}, "
                      f"flagged {int((~np.isfinite(raw)).sum())}/{raw.size}")
         ax.set_xlabel(f"kappa ({v} set), log scale")
         ax.set_ylabel("archs")
@@ -318,6 +318,13 @@ def build_evas_atlas_report(tracking_uri: str, experiment: str, out_dir: str | P
     if len(runs) and param_col("atlas_size") in runs:
         size = int(runs[param_col("atlas_size")].iloc[0])
         notes.append(f"{len(atlas)} of the atlas's {size:,} archs scored.")
+    if len(runs) and "compute_s" in runs:
+        wall = (runs["end_time"] - runs["start_time"]).dt.total_seconds().sum()
+        if wall > 0:
+            notes.append(f"scoring took {runs['compute_s'].sum():,.0f} s of the chunk runs' "
+                         f"{wall:,.0f} s (MLflow run wall): runner and trial overhead "
+                         f"{100 * (1 - runs['compute_s'].sum() / wall):.1f}%; "
+                         f"{runs['seconds_per_arch'].mean():.2f} s per arch.")
     agree = agreement(atlas, n_boot=n_boot, ci=ci, seed=seed)
     sample, sample_what = _sample_archs(tracking_uri, notes)
     placed = pd.concat([place(atlas, [(a, a) for a in sample], "sample"),
