@@ -56,9 +56,9 @@ def test_poison_patches_and_relabels_exactly_the_fraction():
 
 @pytest.mark.outcome
 def test_badnet_asr_far_above_the_base_rate_with_small_cad(tmp_path):
-    # measured (base seeds 0 and 1, native kernels; 10% poisoned, from scratch, 4 epochs on
-    # 1,000 digits): ASR 0.996 / 0.974 against a base rate of the clean parent 0.0 / 0.007,
-    # CAD 0.093 / 0.013 (the clean parent: 0.93 / 0.91)
+    # measured (10% poisoned, from scratch, 4 epochs on 1,000 digits; base seeds 0 and 1):
+    # native kernels ASR 0.996 / 0.974, CAD 0.093 / 0.013; ATEN_CPU_CAPABILITY=default ASR
+    # 1.0 / 0.996, CAD 0.080 / 0.027; base rate (the clean parent's ASR) 0.0 / 0.007 in both
     spec = VictimSpec(
         model="nats", model_kwargs={"arch": ARCH, "C": 8, "N": 1}, dataset="embedded",
         train={"epochs": 4, "batch_size": 32, "lr": 0.05, "augment": "none",
