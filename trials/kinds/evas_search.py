@@ -154,8 +154,10 @@ def run_search_trial(cfg: EvasSearchConfig, ctx: TrialContext, score) -> dict[st
                              "best_so_far": s.best}, step=last_it)
         elif s.evaluations == s.pool_size:  # the initial pool is scored: its best is step 0
             ctx.log_metrics({"score": s.best, "best_so_far": s.best}, step=0)
+        # "epoch": the runner names a checkpoint by it (study/trainable.py state_epoch)
         ctx.save_state(STATE_KEY, {"search": s.to_dict(), "cache": cache.state(),
-                                   "seconds": spent + time.perf_counter() - t0},
+                                   "seconds": spent + time.perf_counter() - t0,
+                                   "epoch": s.iteration},
                        metrics={"iteration": s.iteration, "evaluations": s.evaluations})
         now = time.perf_counter()
         if last_it > 0:
