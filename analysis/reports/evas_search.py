@@ -191,18 +191,28 @@ def build_evas_search_report(tracking_uri: str, experiment: str, out_dir: str | 
     labels = {r: f"{methods[r]} seed {seeds[r]}" for r in search["run_id"]}
     curves = {r: _curves(tracking_uri, r) for r in search["run_id"]}
     first: dict[tuple[str, str], int] = {}
+    found_arch: dict[str, str] = {}
     for r in search["run_id"]:
-        for row in _trajectory_rows(client, r):
+        rows = _trajectory_rows(client, r)
+        for row in rows:
             first.setdefault((r, str(row.get("arch"))), int(row.get("iteration", -1)))
+        scored = [row for row in rows if isinstance(row.get("score"), (int, float))]
+        if scored:  # the found stage's pick: the best row, the earliest of equals
+            found_arch[r] = str(min(scored, key=lambda row: row["score"])["arch"])
     traj = _evas_table(runs[stage == TRAJECTORY], first)
     found = _evas_table(runs[stage == FOUND], first)
+    # two searches that found the same arch share one found trial (the plan deduplicates
+    # it under the first search's run): look the arch up, whichever search it came from
+    found_by_arch = found.drop_duplicates("arch").set_index("arch")
 
     rows = []
     for _, s in search.iterrows():
         rid = s["run_id"]
         rand = search[(_col(search, param_col("method")) == "random")
                       & (_col(search, param_col("search_seed")) == seeds[rid])]
-        f = found[found["search_run_id"] == rid]
+        arch = found_arch.get(rid)
+        f = found_by_arch.loc[[arch]].reset_index() if arch in found_by_arch.index \
+            else found.iloc[:0]
         rows.append({
             "method": methods[rid], "search_seed": seeds[rid],
             "best_kappa": s.get("best_score", np.nan),
@@ -213,7 +223,7 @@ def build_evas_search_report(tracking_uri: str, experiment: str, out_dir: str | 
             "hit_rate": s.get("hit_rate", np.nan), "evaluations": s.get("evaluations", np.nan),
             "kappa_evaluations": s.get("kappa_evaluations", np.nan),
             "found_iteration": s.get("found_iteration", np.nan),
-            "found_arch": f["arch"].iloc[0] if len(f) else "",
+            "found_arch": arch or "",
             "found_acc": f["acc"].iloc[0] if len(f) else np.nan,
             "found_asr": f["asr"].iloc[0] if len(f) else np.nan,
             "search_run_id": rid, "found_run_ids": f["run_ids"].iloc[0] if len(f) else "",
