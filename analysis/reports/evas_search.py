@@ -40,6 +40,7 @@ import mlflow  # noqa: E402 - after the telemetry switch
 
 SEARCH, TRAJECTORY, FOUND = "search", "trajectory", "found"
 METHOD_COLOR = {"evolution": "tab:blue", "random": "tab:orange"}
+LINESTYLES = ("-", "--", ":", "-.")
 SEARCH_COLUMNS = ["method", "search_seed", "best_kappa", "initial_pool_median",
                   "final_pool_median", "random_best_kappa", "hit_rate", "evaluations",
                   "kappa_evaluations", "found_iteration", "found_arch", "found_acc",
@@ -129,11 +130,14 @@ def search_figure(curves: dict[str, pd.DataFrame], labels: dict[str, str],
     coloured by method."""
     fig = Figure(figsize=(8.0, 3.4), layout="constrained")
     ax_s, ax_b = fig.subplots(1, 2, sharey=True)
+    nth: dict[str, int] = {}
     for run_id, c in curves.items():
         color = METHOD_COLOR.get(methods[run_id], "tab:gray")
+        k = nth[methods[run_id]] = nth.get(methods[run_id], -1) + 1  # seeds: line styles
         ax_s.plot(c.index, c["score"], ".", ms=2.5, color=color, alpha=0.6,
                   label=labels[run_id])
-        ax_b.plot(c.index, c["best_so_far"], "-", color=color, label=labels[run_id])
+        ax_b.plot(c.index, c["best_so_far"], color=color, label=labels[run_id],
+                  linestyle=LINESTYLES[k % len(LINESTYLES)])
     span = _finite_min_max([c[k].to_numpy(float) for c in curves.values()
                             for k in ("score", "best_so_far")])
     for ax, what in ((ax_s, "kappa of the arch scored"), (ax_b, "best kappa so far")):
