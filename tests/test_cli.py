@@ -5,6 +5,7 @@ import sys
 
 import pytest
 import yaml
+from checks import one_line_error
 
 EVAS_BAD = {
     "name": "bad-evas", "default_profile": "smoke",
@@ -69,13 +70,6 @@ def test_studies_output_reads_as_written(run_cli, monkeypatch):
     assert code == 0 and "" not in out.splitlines(), out  # no stray blank lines
     assert "description: |" in out
     assert yaml.safe_load(out)["description"].startswith("EVAS (Pang et al., ICLR 2023)")
-
-
-def one_line_error(code, err, needle):
-    assert code == 2, err
-    lines = [ln for ln in err.splitlines() if ln.strip()]
-    assert len(lines) == 1, err
-    assert "Traceback" not in err and needle in lines[0], lines[0]
 
 
 def test_unknown_study(run_cli):

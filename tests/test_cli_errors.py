@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from checks import one_line_error
 
 CAL = {
     "name": "cal", "default_profile": "smoke",
@@ -63,19 +64,6 @@ profiles:
       x7: &a7 [*a6, *a6, *a6, *a6, *a6, *a6, *a6, *a6, *a6]
       x8: &a8 [*a7, *a7, *a7, *a7, *a7, *a7, *a7, *a7, *a7]
 """
-
-
-def one_line_error(code: int, err: str, *needles: str) -> str:
-    """Exit 2, exactly one non-empty stderr line, starting `nasrisk: error:`, naming each
-    needle; no traceback."""
-    assert code == 2, err
-    lines = [ln for ln in err.splitlines() if ln.strip()]
-    assert len(lines) == 1, err
-    assert lines[0].startswith("nasrisk: error: "), lines[0]
-    assert "Traceback" not in err
-    for n in needles:
-        assert n in lines[0], lines[0]
-    return lines[0]
 
 
 def study_file(tmp_path: Path, base: dict, change=None, name: str = "study.yaml") -> str:
