@@ -43,6 +43,8 @@ Workdir = Annotated[Path | None, typer.Option(
 Tracking = Annotated[str | None, typer.Option(
     "--tracking-uri", help="MLflow tracking URI, e.g. http://MLFLOW:5000. [default: "
                            "$MLFLOW_TRACKING_URI, else sqlite:///<workdir>/mlflow.db]")]
+UNIQUE_HELP = ("One arch per isomorphism class (6,466 of 15,625): with --all the arch list; "
+               "the kappa atlas scores those classes.")
 Profile = Annotated[str | None, typer.Option(
     "--profile", help="Study profile: `smoke` (embedded data, tiny, minutes on a laptop) or "
                       "`paper` (the published protocol). [default: the study's default]")]
@@ -99,6 +101,7 @@ def plan(study: Study, profile: Profile = None,
          dataset: Annotated[str | None, typer.Option(help="Dataset override.")] = None,
          num_archs: Annotated[int | None, typer.Option(help="Number of archs to sample.")] = None,
          all_archs: Annotated[bool, typer.Option("--all", help="All 15,625 NATS archs.")] = False,
+         unique: Annotated[bool, typer.Option("--unique", help=UNIQUE_HELP)] = False,
          workdir: Workdir = None, tracking_uri: Tracking = None) -> None:
     """Show the trials, resources per trial and estimated compute, without running anything.
 
@@ -107,7 +110,8 @@ def plan(study: Study, profile: Profile = None,
     from .estimate import describe_plan
     from .plan import RunOptions, build_plan
 
-    opts = RunOptions(profile=profile, dataset=dataset, num_archs=num_archs, all_archs=all_archs)
+    opts = RunOptions(profile=profile, dataset=dataset, num_archs=num_archs, all_archs=all_archs,
+                      unique=unique)
     p = build_plan(_load(study), opts)
     uri = _tracking_uri(tracking_uri, workdir)
     if tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or _store_exists(uri):
@@ -124,6 +128,7 @@ def run(
                                                         "cifar10, cifar100, imagenet16-120).")] = None,
     num_archs: Annotated[int | None, typer.Option(help="Number of NATS archs to sample.")] = None,
     all_archs: Annotated[bool, typer.Option("--all", help="Use all 15,625 NATS archs.")] = False,
+    unique: Annotated[bool, typer.Option("--unique", help=UNIQUE_HELP)] = False,
     workdir: Workdir = None,
     tracking_uri: Tracking = None,
     address: Annotated[str | None, typer.Option(help="Ray address of a running cluster "
@@ -156,8 +161,9 @@ def run(
     from .plan import RunOptions, build_plan
 
     opts = RunOptions(profile=profile, dataset=dataset, num_archs=num_archs, all_archs=all_archs,
-                      seed=seed, params=params, amp=amp, cpus_per_trial=cpus_per_trial,
-                      gpus_per_trial=gpus_per_trial, max_failures=max_failures,
+                      unique=unique, seed=seed, params=params, amp=amp,
+                      cpus_per_trial=cpus_per_trial, gpus_per_trial=gpus_per_trial,
+                      max_failures=max_failures,
                       resource_timeout=resource_timeout)
     p = build_plan(_load(study), opts)
     with _preflight(p, workdir, tracking_uri, address, data_root, download) as uri:

@@ -48,6 +48,8 @@ MAX_TRIALS = 100_000
 #: the largest integer a config field may hold (sizes, counts, epochs: C's int, what torch
 #: shapes and loops take); seeds have their own range
 MAX_INT = 2**31 - 1
+#: NATS-Bench topology archs up to isomorphism (len(unique_archs()), without importing torch)
+N_UNIQUE = 6_466
 SEED_LIMIT = 2**32
 
 
@@ -59,6 +61,9 @@ class RunOptions:
     dataset: str | None = None
     num_archs: int | None = None
     all_archs: bool = False
+    #: one arch per isomorphism class (6,466 of the 15,625 strings): with --all, the arch list;
+    #: for kinds with a ``unique`` field (the kappa atlas), that field
+    unique: bool = False
     seed: int | None = None
     params: str | None = None
     #: mixed precision of every trial's training ("off" / "bf16"; None: the study's, off)
@@ -232,12 +237,12 @@ def _inject(cfg: dict[str, Any], model: type, values: dict[str, Any]) -> None:
 
 
 def _archs(stage: StageSpec, opts: RunOptions, n_profile: int | None) -> list[str]:
-    from nasrisk.trials.models.nats.arch_string import all_archs, sample_archs
+    from nasrisk.trials.models.nats.arch_string import all_archs, sample_archs, unique_archs
 
     s = stage.archs
     assert s is not None
     if opts.all_archs or s.all:
-        return all_archs()
+        return unique_archs() if opts.unique else all_archs()
     n = opts.num_archs or n_profile or s.count
     return sample_archs(n, seed=s.seed, distinct=s.distinct)
 
@@ -274,7 +279,7 @@ def _n_archs(stage: StageSpec, opts: RunOptions, n_profile: int | None) -> int:
     s = stage.archs
     assert s is not None
     if opts.all_archs or s.all:
-        return 15_625
+        return N_UNIQUE if opts.unique else 15_625
     return opts.num_archs or n_profile or s.count
 
 
@@ -432,7 +437,8 @@ def build_plan(spec: StudySpec, opts: RunOptions) -> StudyPlan:
     if dataset is not None and dataset not in DATASETS:
         DATASETS.get(dataset)  # raises the one-line error listing valid datasets
     seed = opts.seed if opts.seed is not None else prof.seed
-    inject = {"dataset": dataset, "seed": seed, "params": params, "amp": opts.amp}
+    inject = {"dataset": dataset, "seed": seed, "params": params, "amp": opts.amp,
+              "unique": True if opts.unique else None}
     stages: dict[str, StagePlan] = {}
     n_total = 0
     built: set[str] = set()

@@ -142,3 +142,19 @@ def test_a_stage_wide_nes_setting_changes_only_the_nes_trials(tmp_path):
     assert changed == {"nes"}
     assert all("nes_queries_per_estimate" not in t.config or t.config["attack"] == "nes"
                or t.config["nes_queries_per_estimate"] is None for t in after)
+
+
+def test_unique_takes_one_arch_per_isomorphism_class():
+    from nasrisk.study.plan import N_UNIQUE, RunOptions, build_plan
+    from nasrisk.study.spec import load_spec
+    from nasrisk.trials.models.nats.arch_string import isomorphism_key, unique_archs
+
+    assert N_UNIQUE == len(unique_archs())
+    plan = build_plan(load_spec("evas-kappa"), RunOptions(all_archs=True, unique=True))
+    archs = [t.config["arch"] for t in plan.stages[0].trials]
+    assert len(archs) == N_UNIQUE == len({isomorphism_key(a) for a in archs})
+    # the atlas scores the classes: --unique sets its `unique` field
+    atlas = build_plan(load_spec("evas-atlas"), RunOptions(unique=True))
+    assert all(t.config["unique"] for s in atlas.stages for t in s.trials)
+    assert not any(t.config["unique"] for s in build_plan(load_spec("evas-atlas"),
+                                                          RunOptions()).stages for t in s.trials)
