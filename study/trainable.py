@@ -22,6 +22,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -41,12 +42,14 @@ from nasrisk.trials.registry import TRIAL_KINDS
 from nasrisk.trials.store import sha256_file
 
 from . import tags
-from .progress import WARNING_KEY
+from .progress import EPOCH_KEY, EPOCHS_TOTAL_KEY, WARNING_KEY
 from .tracking import TAG_KIND, TAG_STAGE, TAG_STUDY, ModelRun, TrialRun, find_model_run
 
 STATE_FILE = "state.pt"
 META_FILE = "meta.json"
 TAG_WARNING = tags.WARNING
+#: a progress message's "epoch 3/200", "iteration 7/50", "arch 12/100"
+_STEPS = re.compile(r"(?:epoch|iteration|arch) (\d+)/(\d+)\b")
 
 
 def state_epoch(state: Mapping[str, Any]) -> int | None:
@@ -66,12 +69,18 @@ class TuneContext(TrialContext):
     logs metrics, artifacts and warnings to the trial's MLflow run."""
 
     def __init__(self, run: TrialRun, state: dict[str, Any], *, key: str,
-                 model_tags: Mapping[str, str] | None = None, **kw: Any) -> None:
+                 model_tags: Mapping[str, str] | None = None, epochs_total: int | None = None,
+                 **kw: Any) -> None:
         super().__init__(**kw)
+        #: the config's ``epochs``, if it has one (calibrate): the total behind a bare epoch
+        self.epochs_total = epochs_total
         self.run = run
         self.key = key
         self._state = state
         self._saves = 0
+        #: (done, total) of the latest "epoch i/N" / "iteration i/N" progress message, reported
+        #: with the next checkpoint as the trial's progress (the driver's ETA, progress.py)
+        self.steps: tuple[int, int] | None = None
         #: tags every model run this trial makes also gets (study, version, commit)
         self.model_tags = dict(model_tags or {})
 
@@ -102,10 +111,31 @@ class TuneContext(TrialContext):
             write_checkpoint(Path(d), self._state, run_id=self.run.run_id, key=self.key)
             report = {k: float(v) for k, v in metrics.items()}
             report["checkpoint_saves"] = self._saves
+            report.update(self.progress_keys())
             tune.report(report, checkpoint=tune.Checkpoint.from_directory(d))
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
         self.run.log_metrics(metrics, step=step)
+
+    def progress(self, message: str) -> None:
+        super().progress(message)
+        m = _STEPS.search(message)
+        if m and int(m.group(2)) > 0:
+            self.steps = (int(m.group(1)), int(m.group(2)))
+
+    def progress_keys(self) -> dict[str, float]:
+        """``epoch`` / ``epochs_total`` for the driver's ETA: the latest progress message's
+        "epoch i/N" when there was one, else the state's furthest epoch (of ``epochs``
+        from the trial's config, when it has that key)."""
+        if self.steps is not None:
+            return {EPOCH_KEY: float(self.steps[0]), EPOCHS_TOTAL_KEY: float(self.steps[1])}
+        epoch = state_epoch(self._state)
+        if epoch is None:
+            return {}
+        out = {EPOCH_KEY: float(epoch)}
+        if isinstance(self.epochs_total, int) and self.epochs_total > 0:
+            out[EPOCHS_TOTAL_KEY] = float(self.epochs_total)
+        return out
 
     def warn(self, message: str) -> None:
         self.warnings.append(message)
@@ -254,6 +284,7 @@ def run_trial(params: dict[str, Any], runtime: dict[str, Any]) -> None:
     ctx = TuneContext(run, state, key=t["key"], device=device, artifact_dir=artifacts,
                       data_root=runtime["data_root"], download=runtime["download"],
                       store_root=runtime.get("store_root"),
+                      epochs_total=t["config"].get("epochs"),
                       model_tags={TAG_STUDY: runtime["study"], tags.VERSION: runtime["version"],
                                   tags.GIT_COMMIT: runtime["git_commit"]})
     ctx.warnings.extend(early)
