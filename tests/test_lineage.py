@@ -24,7 +24,9 @@ ARCH = "|nor_conv_3x3~0|+|skip_connect~0|nor_conv_3x3~1|+|skip_connect~0|skip_co
 TINY_TRAIN = TrainConfig(epochs=1, batch_size=32, lr=0.05, amp=False, augment="none",
                          eval_each_epoch=False)
 #: a tiny config of each step kind (a kind not listed is tried with its defaults)
-TINY_STEPS = {"label_flip": {"fraction": 0.5}, "fine_tune": {"epochs": 1, "lr": 0.05}}
+TINY_STEPS = {"label_flip": {"fraction": 0.5}, "fine_tune": {"epochs": 1, "lr": 0.05},
+              "trigger_mix": {"generator": {"config": {"mask_epochs": 1, "pattern_epochs": 1,
+                                                        "batch_size": 32, "channels": [4, 8, 8]}}}}
 
 
 def tiny(**kw) -> VictimSpec:

@@ -17,11 +17,11 @@ Trigger sources (``trigger.source``, :data:`TRIGGER_SOURCES`):
 * ``patch``: the patch given in ``trigger.patch`` (e.g. a clean model against the patch its
   backdoored sibling learnt);
 * ``none``: no trigger;
-* ``generator``: **not built yet**. The hook for the EVAS input-aware generator (an object in
-  the store, ``trigger.object_key``): register a builder in :data:`TRIGGER_SOURCES` that loads
-  the :class:`~nasrisk.trials.models.generator.TriggerGenerator` and returns
-  :func:`~nasrisk.trials.defenses.triggers.generator_trigger` of it; until then the source is
-  refused at validation.
+* ``generator``: the EVAS input-aware generator, a stored object
+  (:mod:`nasrisk.trials.backdoor.evas_store`): ``trigger.generator`` (a
+  :class:`~nasrisk.trials.backdoor.evas_store.GeneratorSpec`; ``trained_on`` None: the
+  victim itself) is ensured (trained once in the store), or ``trigger.object_key`` names a
+  stored one; :func:`~nasrisk.trials.defenses.triggers.generator_trigger` of it.
 
 Options: ``defense_options: {<defense>: {...}}``, each validated with its entry's options
 model; only the trial's own defense's options stay in its config (as the attack kind's
@@ -47,10 +47,11 @@ from pydantic import (
 )
 
 from ..attacks.entry import fixed_indices
+from ..backdoor.evas_store import GeneratorSpec, ensure_generator, load_generator
 from ..context import TrialContext
 from ..data import load_dataset
 from ..defenses.entry import DefenseEntry, DefenseInputs, accuracy, success_rate
-from ..defenses.triggers import PatchTrigger, TriggerInputs, patch_trigger
+from ..defenses.triggers import PatchTrigger, TriggerInputs, generator_trigger, patch_trigger
 from ..registry import DEFENSES, MODELS, TRIAL_KINDS
 from ..steps.badnet import trigger_of
 from ..victims import VictimSpec, ensure_victim, victim_data
@@ -75,11 +76,15 @@ class TriggerConfig(BaseModel):
     source: Literal["from_lineage", "patch", "none", "generator"] = "from_lineage"
     patch: PatchTrigger | None = None
     object_key: str | None = None
+    generator: GeneratorSpec | None = None
 
     @model_validator(mode="after")
     def _fields(self) -> TriggerConfig:
         if (self.patch is not None) != (self.source == "patch"):
             raise ValueError("trigger.patch is given exactly when trigger.source is 'patch'")
+        if self.source == "generator" and (self.generator is None) == (self.object_key is None):
+            raise ValueError("trigger source 'generator' takes one of trigger.generator (a "
+                             "generator spec) and trigger.object_key (a stored generator)")
         if self.source not in TRIGGER_SOURCES:
             raise ValueError(f"trigger source {self.source!r} is not built yet (the EVAS "
                              "generator hook: nasrisk.trials.kinds.defense.TRIGGER_SOURCES); "
@@ -92,12 +97,24 @@ def _from_lineage(cfg: DefenseConfig, ctx: TrialContext) -> TriggerInputs | None
     return None if patch is None else patch_trigger(patch)
 
 
+def _generator(cfg: DefenseConfig, ctx: TrialContext) -> TriggerInputs:
+    if cfg.trigger.object_key is not None:
+        if ctx.store_root is None:
+            raise ValueError("trigger.object_key needs a store")
+        gen, target = load_generator(ctx.store_root, cfg.trigger.object_key, ctx.device)
+        return generator_trigger(gen, target)
+    spec = cfg.trigger.generator
+    gen, rec = ensure_generator(spec.trained_on or cfg.victim, spec, ctx)
+    return generator_trigger(gen, rec["target"])
+
+
 #: trigger source -> builder(cfg, ctx) -> TriggerInputs | None; the EVAS generator plugs in
 #: here as "generator" (module docstring)
 TRIGGER_SOURCES: dict[str, Callable[[Any, TrialContext], TriggerInputs | None]] = {
     "from_lineage": _from_lineage,
     "patch": lambda cfg, ctx: patch_trigger(cfg.trigger.patch),
     "none": lambda cfg, ctx: None,
+    "generator": _generator,
 }
 
 

@@ -1,0 +1,126 @@
+"""EVAS evaluation (issue 9, "Evaluation: built-in study evas-eval"): the stored generator,
+the ``evas_eval`` trial on (a) and (c), the ``trigger_mix`` step, the defense trial's
+``generator`` trigger source, the ``neighbours`` selector and the study's plan.
+
+Tiny real setups: a 1-cell NATS net (C=4) on 128 embedded digits, one epoch; a generator of
+channels (4, 8, 8), one mask and one pattern epoch on 64 images. Outcome claims (ASR above
+the base rate) are not asserted: shapes, names, keys and counts only."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from nasrisk.trials.backdoor import evas_store
+from nasrisk.trials.backdoor.evas_store import GeneratorSpec, ensure_generator, generator_key
+from nasrisk.trials.context import LocalContext
+from nasrisk.trials.data import load_dataset
+from nasrisk.trials.kinds.evas_eval import METRICS, EvasEvalConfig
+from nasrisk.trials.registry import TRIAL_KINDS
+from nasrisk.trials.steps.trigger_mix import TriggerMixStep, mix
+from nasrisk.trials.store import Store
+from nasrisk.trials.victims import VictimSpec, ensure_victim
+
+ARCH = "|nor_conv_3x3~0|+|skip_connect~0|nor_conv_3x3~1|+|skip_connect~0|skip_connect~1|nor_conv_3x3~2|"
+MODEL = {"model": "nats", "model_kwargs": {"arch": ARCH, "C": 4, "N": 1}, "dataset": "embedded",
+         "train": {"epochs": 1, "batch_size": 32, "lr": 0.05, "amp": False, "augment": "none",
+                   "eval_each_epoch": False},
+         "max_train_examples": 128, "max_test_examples": 64}
+GEN = {"config": {"mask_epochs": 1, "pattern_epochs": 1, "batch_size": 32,
+                  "channels": [4, 8, 8]}, "train_examples": 64}
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    return tmp_path_factory.mktemp("evas-eval-store")
+
+
+def _ctx(tmp_path, store, name="t"):
+    return LocalContext(tmp_path / name, device="cpu", store_root=store)
+
+
+def test_generator_trained_once_and_keyed_by_the_model(store, tmp_path, monkeypatch):
+    calls = []
+    real = evas_store.train_generator
+    monkeypatch.setattr(evas_store, "train_generator",
+                        lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    spec, gspec = VictimSpec(**MODEL), GeneratorSpec(**GEN)
+    g1, r1 = ensure_generator(spec, gspec, _ctx(tmp_path, store, "a"))
+    g2, r2 = ensure_generator(spec, gspec, _ctx(tmp_path, store, "b"))  # another trial
+    assert len(calls) == 1 and (r1["source"], r2["source"]) == ("computed", "store")
+    assert r1["key"] == r2["key"] == generator_key(spec, gspec) and r1["model_key"] == spec.key()
+    assert 0.0 <= r2["asr"] <= 1.0 and r2["acc"] == r1["acc"]
+    x = torch.rand(2, 3, 32, 32)
+    assert torch.equal(g1(x), g2(x))  # the stored weights, not a fresh generator
+    other = VictimSpec(**{**MODEL, "seed": 1})
+    assert generator_key(other, gspec) != r1["key"]
+    assert generator_key(spec, GeneratorSpec(**{**GEN, "seed": 1})) != r1["key"]
+    assert Store(store).record(r1["key"])["kind"] == "generator"
+
+
+def test_evas_eval_table1_and_retrain(store, tmp_path):
+    kind = TRIAL_KINDS.get("evas_eval")
+    a = {"model": MODEL, "generator": GEN, "n_inputs": 40}
+    out = kind(a, _ctx(tmp_path, store, "a"))
+    assert set(out) == set(METRICS) == set(kind.metric_names(kind.validate(a)))
+    assert all(isinstance(v, float) for v in out.values())
+    assert 0.0 <= out["asr"] <= 1.0 and 0.0 <= out["acc"] <= 1.0
+    # (a): model and generator trained on the same model, ACC/ASR on the same test inputs
+    # (generator_acc over the whole 64-image test subset, acc over 40 of them)
+    # (c) re-training: the same generator (from the store), applied to another seed's model
+    c = {"model": {**MODEL, "seed": 1}, "generator": {**GEN, "trained_on": MODEL},
+         "n_inputs": 40}
+    out_c = kind(c, _ctx(tmp_path, store, "c"))
+    assert set(out_c) == set(METRICS)
+    assert out_c["generator_trained"] == 0.0 and out_c["model_trained"] == 1.0
+    assert out_c["generator_asr"] == out["generator_asr"]
+    pa, pc = kind.extra_params(kind.validate(a)), kind.extra_params(kind.validate(c))
+    assert pa["generator_key"] == pc["generator_key"] and pa["lineage_key"] != pc["lineage_key"]
+    assert {"lineage_key", "parent_key", "lineage", "generator_key"} <= set(pa)
+    assert (tmp_path / "c" / "artifacts" / "triggers.png").exists() or any(
+        (tmp_path / "c").rglob("triggers.png"))
+    with pytest.raises(ValueError, match="trained_on"):
+        EvasEvalConfig.model_validate({**c, "generator": {**GEN, "trained_on": {
+            **MODEL, "dataset": "cifar10"}}})
+
+
+def test_trigger_mix_composes_and_its_ratio_keys(store, tmp_path):
+    mixstep = {"kind": "trigger_mix", "ratio": 0.1, "generator": GEN, "epochs": 1}
+    spec = VictimSpec(**{**MODEL, "steps": [{"kind": "fine_tune", "epochs": 1}, mixstep]})
+    model, rec = ensure_victim(spec, _ctx(tmp_path, store))
+    assert set(rec["metrics"]) == {"acc", "asr", "parent_asr", "n_mixed"}
+    assert rec["metrics"]["n_mixed"] == round(0.1 * 128)
+    assert rec["parent_key"] == VictimSpec(**{**MODEL, "steps": [
+        {"kind": "fine_tune", "epochs": 1}]}).key()
+    keys = {VictimSpec(**{**MODEL, "steps": [{**mixstep, "ratio": r}]}).key()
+            for r in (0.1, 0.01, 0.0001)}
+    assert len(keys) == 3
+    assert VictimSpec(**{**MODEL, "steps": [{**mixstep, "label": "true"}]}).key() not in keys
+    # the mix itself: exactly the chosen non-target images change, relabelled the target
+    data = load_dataset("embedded").subset(128, 16)
+    gen, _ = ensure_generator(VictimSpec(**MODEL), GeneratorSpec(**GEN), _ctx(tmp_path, store))
+    cfg = TriggerMixStep(ratio=0.25, generator=GEN)
+    x, y, idx = mix(data, gen, cfg, 0, "cpu")
+    assert len(idx) == 32 and bool((data.y_train[idx] != 0).all()) and bool((y[idx] == 0).all())
+    rest = torch.ones(128, dtype=torch.bool)
+    rest[idx] = False
+    assert torch.equal(x[rest], data.x_train[rest]) and torch.equal(y[rest], data.y_train[rest])
+    assert not torch.equal(x[idx], data.x_train[idx])
+    _, y_true, _ = mix(data, gen, cfg.model_copy(update={"label": "true"}), 0, "cpu")
+    assert torch.equal(y_true, data.y_train)
+
+
+def test_defense_runs_with_the_generator_trigger(store, tmp_path):
+    kind = TRIAL_KINDS.get("defense")
+    config = {"victim": MODEL, "defense": "strip", "n_inputs": 8,
+              "trigger": {"source": "generator", "generator": GEN},
+              "defense_options": {"strip": {"n_superimpose": 2, "pool": 8}}}
+    out = kind(config, _ctx(tmp_path, store, "d"))
+    assert set(out) == set(kind.metric_names(kind.validate(config)))
+    assert 0.0 <= out["model_asr"] <= 1.0  # the generator's trigger inputs were measured
+    key = generator_key(VictimSpec(**MODEL), GeneratorSpec(**GEN))
+    by_key = kind({**config, "trigger": {"source": "generator", "object_key": key}},
+                  _ctx(tmp_path, store, "k"))
+    assert by_key["model_asr"] == out["model_asr"]
+    with pytest.raises(ValueError, match="one of"):
+        kind.validate({**config, "trigger": {"source": "generator"}})
