@@ -68,7 +68,8 @@ def test_evas_eval_table1_and_retrain(store, tmp_path):
     # (a): model and generator trained on the same model, ACC/ASR on the same test inputs
     # (generator_acc over the whole 64-image test subset, acc over 40 of them)
     # (c) re-training: the same generator (from the store), applied to another seed's model
-    c = {"model": {**MODEL, "seed": 1}, "generator": {**GEN, "trained_on": MODEL},
+    # (``trained_on: {seed: 0}``: the model's base fields, at seed 0)
+    c = {"model": {**MODEL, "seed": 1}, "generator": {**GEN, "trained_on": {"seed": 0}},
          "n_inputs": 40}
     out_c = kind(c, _ctx(tmp_path, store, "c"))
     assert set(out_c) == set(METRICS)
@@ -79,9 +80,13 @@ def test_evas_eval_table1_and_retrain(store, tmp_path):
     assert {"lineage_key", "parent_key", "lineage", "generator_key"} <= set(pa)
     assert (tmp_path / "c" / "artifacts" / "triggers.png").exists() or any(
         (tmp_path / "c").rglob("triggers.png"))
+    assert EvasEvalConfig.model_validate(c).trained_on() == VictimSpec(**MODEL)
+    b = {"model": {**MODEL, "steps": [{"kind": "fine_tune"}]},
+         "generator": {**GEN, "trained_on": {}}}
+    assert EvasEvalConfig.model_validate(b).trained_on() == VictimSpec(**MODEL)  # (b)
     with pytest.raises(ValueError, match="trained_on"):
         EvasEvalConfig.model_validate({**c, "generator": {**GEN, "trained_on": {
-            **MODEL, "dataset": "cifar10"}}})
+            "dataset": "cifar10"}}})
 
 
 def test_trigger_mix_composes_and_its_ratio_keys(store, tmp_path):

@@ -5,7 +5,9 @@
   (``model: nats``, ``model_kwargs: {arch: ..., C: 16, N: 5}``), ResNet-18 (``model:
   resnet18``), with steps (``fine_tune``, ``trigger_mix``) or not;
 * ``generator``: a :class:`~nasrisk.trials.backdoor.evas_store.GeneratorSpec`: the model it
-  is trained against (``trained_on``; None: ``model`` itself) and its config. It is made once
+  is trained against (``trained_on``; None: ``model`` itself; a mapping is completed with the
+  base fields of ``model`` it does not set, so ``{}`` is ``model``'s base and ``{seed: 0}``
+  that base at seed 0, and a study's dataset reaches both) and its config. It is made once
   in the store (:func:`~nasrisk.trials.backdoor.evas_store.ensure_generator`).
 
 The paper's settings are lineages: (a) Table 1: ``trained_on`` None; (b) Table 2, fine-tuning
@@ -24,6 +26,8 @@ Deviations: none from the paper's measure; ASR excludes target-class inputs (PRO
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -50,6 +54,18 @@ class EvasEvalConfig(BaseModel):
     generator: GeneratorSpec = GeneratorSpec()
     n_inputs: int = Field(1000, ge=1)
     seed: int = Field(0, ge=0, lt=2**32)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _trained_on_from_the_model(cls, data: Any) -> Any:
+        # ``trained_on: {seed: 0}`` = the model's base with seed 0; ``{}`` = the model's base
+        if not isinstance(data, dict) or not isinstance(data.get("model"), dict):
+            return data
+        gen = data.get("generator")
+        if not isinstance(gen, dict) or not isinstance(gen.get("trained_on"), dict):
+            return data
+        base = {k: v for k, v in data["model"].items() if k not in ("steps", "poison_fraction")}
+        return {**data, "generator": {**gen, "trained_on": {**base, **gen["trained_on"]}}}
 
     @model_validator(mode="after")
     def _same_dataset(self) -> EvasEvalConfig:
