@@ -292,3 +292,86 @@ def _each_max(n: int | None, cfg: FromArtifact) -> int | None:
 SELECTORS.register("each_result", Selector(
     config_model=FromArtifact, select=_each, max_trials=_each_max,
     description="every finished source trial (or every artifact row of each)"))
+
+
+class Neighbours(FromArtifact):
+    """The landscape around an arch (EVAS, ICLR 2023, Figure 5 / Table 8): ``arch`` (a fixed
+    arch string) or the arch at ``arch_path`` of each item; ``edges``: the two edges (indices
+    0..5 in arch-string order) whose ops are replaced by every pair of the 5 ops (25 archs,
+    the arch itself among them); ``conv``: also every conv1x1/conv3x3 assignment of the
+    arch's conv edges (2^k archs for k conv edges)."""
+
+    arch: str | None = None
+    arch_path: str = "config.model.model_kwargs.arch"
+    edges: tuple[int, int] = (0, 1)
+    conv: bool = True
+
+    @model_validator(mode="after")
+    def _fields(self) -> Neighbours:
+        from nasrisk.trials.models.nats.arch_string import parse_arch
+
+        if self.arch is not None:
+            parse_arch(self.arch)
+        split_path(self.arch_path)
+        if len(set(self.edges)) != 2 or not all(0 <= e < 6 for e in self.edges):
+            raise ValueError(f"edges must be two different edges in 0..5, got {self.edges}")
+        return self
+
+
+def neighbour_archs(arch: str, edges: tuple[int, int], conv: bool) -> list[tuple[str, str]]:
+    """``(arch string, group)`` of the landscape around ``arch`` (:class:`Neighbours`), first
+    the 25 two-edge archs (``edges``), then the conv assignments (``conv``), duplicates
+    dropped (first kept)."""
+    import itertools
+
+    from nasrisk.trials.models.nats.arch_string import OPS, format_arch, parse_arch
+
+    ops = list(parse_arch(arch))
+    out: dict[str, str] = {}
+    a, b = edges
+    for oa, ob in itertools.product(OPS, OPS):
+        new = list(ops)
+        new[a], new[b] = oa, ob
+        out.setdefault(format_arch(new), "edges")
+    if conv:
+        convs = [i for i, op in enumerate(ops) if op in ("nor_conv_1x1", "nor_conv_3x3")]
+        for choice in itertools.product(("nor_conv_1x1", "nor_conv_3x3"), repeat=len(convs)):
+            new = list(ops)
+            for i, op in zip(convs, choice, strict=True):
+                new[i] = op
+            out.setdefault(format_arch(new), "conv")
+    return list(out.items())
+
+
+def _neighbours(items: list[Item], cfg: Neighbours) -> list[Item]:
+    seen: set[str] = set()
+    picked: list[Item] = []
+    for it in matching(items, cfg):
+        try:
+            center = cfg.arch if cfg.arch is not None else item_value(it, cfg.arch_path)
+        except MissingValue:
+            continue
+        for arch, group in neighbour_archs(str(center), cfg.edges, cfg.conv):
+            if arch in seen:
+                continue
+            seen.add(arch)
+            picked.append({**it, "row": {"arch": arch, "group": group, "center": center},
+                           "row_index": len(picked)})
+    return picked
+
+
+def _neighbours_max(n: int | None, cfg: Neighbours) -> int | None:
+    per = 25 + (2 ** 6 if cfg.conv else 0)
+    if cfg.arch is not None:
+        return per
+    return None if n is None else n * per
+
+
+SELECTORS.register("neighbours", Selector(
+    config_model=Neighbours, select=_neighbours, max_trials=_neighbours_max,
+    rows=lambda cfg: True,
+    example={"arch": "|nor_conv_3x3~0|+|skip_connect~0|nor_conv_1x1~1|+|none~0|"
+                     "nor_conv_3x3~1|avg_pool_3x3~2|"},
+    description="the landscape around an arch (EVAS Figure 5): every pair of ops on two "
+                "edges (25 archs) and every conv1x1/conv3x3 assignment of its conv edges; "
+                "row.arch, row.group, row.center (each arch once)"))

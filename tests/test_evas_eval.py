@@ -16,6 +16,7 @@ from nasrisk.trials.backdoor.evas_store import GeneratorSpec, ensure_generator, 
 from nasrisk.trials.context import LocalContext
 from nasrisk.trials.data import load_dataset
 from nasrisk.trials.kinds.evas_eval import METRICS, EvasEvalConfig
+from nasrisk.trials.models.nats.arch_string import OPS
 from nasrisk.trials.registry import TRIAL_KINDS
 from nasrisk.trials.steps.trigger_mix import TriggerMixStep, mix
 from nasrisk.trials.store import Store
@@ -129,3 +130,37 @@ def test_defense_runs_with_the_generator_trigger(store, tmp_path):
     assert by_key["model_asr"] == out["model_asr"]
     with pytest.raises(ValueError, match="one of"):
         kind.validate({**config, "trigger": {"source": "generator"}})
+
+
+CENTER = "|nor_conv_3x3~0|+|skip_connect~0|nor_conv_1x1~1|+|none~0|nor_conv_3x3~1|avg_pool_3x3~2|"
+
+
+def test_neighbours_selector_is_the_papers_landscape():
+    from nasrisk.study.selectors import SELECTORS
+    from nasrisk.trials.models.nats.arch_string import parse_arch
+
+    sel = SELECTORS.get("neighbours")
+    src = [{"key": f"k{i}", "run_id": f"r{i}", "name": "", "index": i,
+            "config": {"model": {"model_kwargs": {"arch": a}}}, "metrics": {}}
+           for i, a in enumerate([CENTER, CENTER, ARCH])]
+    got = sel.select(src, sel.validate({"edges": [0, 5]}))
+    archs = [g["row"]["arch"] for g in got]
+    assert len(archs) == len(set(archs))  # each arch once, however many sources name it
+    for center in (CENTER, ARCH):
+        mine = [g for g in got if g["row"]["center"] == center]
+        c = parse_arch(center)
+        two = [parse_arch(g["row"]["arch"]) for g in mine if g["row"]["group"] == "edges"]
+        assert len(two) == 25 and tuple(c) in two
+        assert all(o[i] == c[i] for o in two for i in (1, 2, 3, 4))
+        assert {(o[0], o[5]) for o in two} == {(a, b) for a in OPS for b in OPS}
+        convs = [i for i, op in enumerate(c) if "conv" in op]
+        conv = [parse_arch(g["row"]["arch"]) for g in mine if g["row"]["group"] == "conv"]
+        # every conv assignment not already among the 25 (those differing only on edges 0, 5)
+        assert len(conv) + sum(1 for o in two if all(
+            (o[i] in ("nor_conv_1x1", "nor_conv_3x3")) if i in convs else o[i] == c[i]
+            for i in range(6))) == 2 ** len(convs)
+        assert all(o[i] == c[i] or i in convs for o in conv for i in range(6))
+    assert len(got) <= sel.max_trials(3, sel.validate({"edges": [0, 5]}))
+    assert len(sel.select(src, sel.validate({"arch": CENTER, "conv": False}))) == 25
+    with pytest.raises(ValueError, match="two different edges"):
+        sel.validate({"edges": [2, 2]})
