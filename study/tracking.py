@@ -196,6 +196,15 @@ class TrialRun:
         for i in range(0, len(items), 500):
             self.client.log_batch(self.run_id, metrics=items[i:i + 500])
 
+    def log_dataset(self, config: Mapping[str, Any], data_root: str | Path) -> bool:
+        """Log the trial's dataset as an MLflow dataset input (the runs table's Dataset
+        column): :func:`dataset_input` of its config; False when the config names none."""
+        d = dataset_input(config, data_root)
+        if d is None:
+            return False
+        self.client.log_inputs(self.run_id, datasets=[d])  # the store skips a repeated one
+        return True
+
     def log_artifacts(self, directory: Path) -> None:
         if Path(directory).is_dir() and any(Path(directory).iterdir()):
             self.client.log_artifacts(self.run_id, str(directory))
@@ -219,6 +228,31 @@ class TrialRun:
         """The study was stopped (a signal, a store fault): not done, and not a failure."""
         self.set_tags({TAG_STATUS: "stopped"})
         self.client.set_terminated(self.run_id, status="KILLED")
+
+
+def dataset_input(config: Mapping[str, Any], data_root: str | Path) -> Any | None:
+    """The dataset a trial of ``config`` uses, as an MLflow ``DatasetInput``: name = the
+    config's ``dataset`` (an attack's or defense's: its victim's), the profile = the train/test
+    image caps (``max_train_examples`` / ``max_test_examples``, "all" when uncapped), the digest
+    = SHA-256 of both (so a capped subset is its own dataset), the source = the data root;
+    context tag ``train``. None when the config names no dataset."""
+    import hashlib
+    import json
+
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    where = config if "dataset" in config else config.get("victim")
+    if not isinstance(where, Mapping) or not where.get("dataset"):
+        return None
+    name = str(where["dataset"])
+    profile = {"train_images": where.get("max_train_examples") or "all",
+               "test_images": where.get("max_test_examples") or "all"}
+    digest = hashlib.sha256(json.dumps({"name": name, **profile}, sort_keys=True).encode()
+                            ).hexdigest()[:16]
+    ds = Dataset(name=name, digest=digest, source_type="local",
+                 source=json.dumps({"uri": str(Path(data_root).resolve() / name)}),
+                 profile=json.dumps(profile))
+    return DatasetInput(ds, tags=[InputTag("mlflow.data.context", "train")])
 
 
 def _is_number(v: Any) -> bool:

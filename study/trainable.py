@@ -270,6 +270,7 @@ def run_trial(params: dict[str, Any], runtime: dict[str, Any]) -> None:
         done = run.client.get_run(run.run_id).data.metrics
         tune.report({**done, "trial_done": 1.0})
         return
+    run.log_dataset(t["config"], runtime["data_root"])  # the runs table's Dataset column
     if early:
         run.set_tags({TAG_WARNING: " | ".join(early)[-4000:]})
     if t.get("source_run_id"):  # a derived stage's trial: the earlier trial it was selected from

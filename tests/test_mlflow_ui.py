@@ -124,3 +124,32 @@ def test_printed_commands_name_the_venv_when_it_is_not_on_path(venv_not_on_path,
     monkeypatch.setenv("PATH", str(venv_not_on_path))  # activated: the bare names work
     assert shell_command("mlflow") == "mlflow"
     assert _mlflow_ui_hint("sqlite:////w/mlflow.db").startswith("mlflow ui ")
+
+
+def test_a_trial_run_has_its_dataset_as_an_mlflow_input(tmp_path):
+    from nasrisk.study.tracking import TrialRun
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    exp_id = ensure_experiment(uri, "s", tmp_path / "art")
+    run = TrialRun(uri, exp_id, "k1")
+    run.open(run_id=None, name="a0000 x", tags={}, params={"dataset": "embedded"})
+    cfg = {"dataset": "embedded", "max_train_examples": 1500, "max_test_examples": None}
+    assert run.log_dataset(cfg, tmp_path / "data")
+    assert run.log_dataset(cfg, tmp_path / "data")  # a resumed trial: still one input
+    inputs = mlflow.MlflowClient(uri).get_run(run.run_id).inputs.dataset_inputs
+    assert len(inputs) == 1
+    ds = inputs[0].dataset
+    assert ds.name == "embedded" and json.loads(ds.profile) == {"train_images": 1500,
+                                                                 "test_images": "all"}
+    assert json.loads(ds.source)["uri"].endswith("data/embedded")
+    assert [(t.key, t.value) for t in inputs[0].tags] == [("mlflow.data.context", "train")]
+    # another cap is another dataset (digest); an attack's dataset is its victim's
+    other = TrialRun(uri, exp_id, "k2")
+    other.open(run_id=None, name="x0000 y", tags={}, params={})
+    assert other.log_dataset({"victim": {"dataset": "embedded", "max_train_examples": 2000}},
+                             tmp_path / "data")
+    ds2 = mlflow.MlflowClient(uri).get_run(other.run_id).inputs.dataset_inputs[0].dataset
+    assert ds2.name == "embedded" and ds2.digest != ds.digest
+    none = TrialRun(uri, exp_id, "k3")
+    none.open(run_id=None, name="c", tags={}, params={})
+    assert not none.log_dataset({"epochs": 2}, tmp_path / "data")
