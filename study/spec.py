@@ -46,7 +46,7 @@ MAX_YAML_NODES = 250_000
 MAX_YAML_DEPTH = 64
 #: the names of nasrisk.analysis.reports.REPORTS (importing it here would load MLflow for
 #: every command; tests/test_cli_errors.py checks the two agree)
-REPORT_NAMES = ("automl", "evas", "evas-atlas", "evas-search")
+REPORT_NAMES = ("automl", "evas", "evas-atlas", "evas-search", "evas-eval")
 
 
 class Resources(BaseModel):

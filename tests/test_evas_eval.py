@@ -164,3 +164,32 @@ def test_neighbours_selector_is_the_papers_landscape():
     assert len(sel.select(src, sel.validate({"arch": CENTER, "conv": False}))) == 25
     with pytest.raises(ValueError, match="two different edges"):
         sel.validate({"edges": [2, 2]})
+
+
+@pytest.mark.parametrize("profile", ["smoke", "paper", "artifact"])
+def test_evas_eval_study_shares_one_generator_per_model(profile):
+    """`nasrisk plan evas-eval` under every profile; every later stage measures a generator
+    that table1 trains (same store key), so each is trained once per model."""
+    from nasrisk.study.plan import RunOptions, build_plan
+    from nasrisk.study.spec import load_spec
+    from nasrisk.trials.kinds.defense import DefenseConfig
+
+    plan = build_plan(load_spec("evas-eval"), RunOptions(profile=profile))
+    keys: dict[str, set[str]] = {}
+    for st in plan.stages:
+        for t in st.trials:
+            if t.kind == "evas_eval":
+                cfg = EvasEvalConfig.model_validate(t.config)
+                keys.setdefault(st.spec.name, set()).add(
+                    generator_key(cfg.trained_on(), cfg.generator))
+                for step in cfg.model.steps:
+                    if step.kind == "trigger_mix":
+                        keys["mix_step"] = keys.get("mix_step", set()) | {generator_key(
+                            cfg.model.base(), step.config().generator)}
+            elif t.kind == "defense":
+                d = DefenseConfig.model_validate(t.config)
+                keys.setdefault("defenses", set()).add(generator_key(d.victim, d.trigger.generator))
+    table1 = keys.pop("table1")
+    assert set(keys) == {"finetune", "retrain", "mix", "mix_step", "defenses"}
+    for stage, ks in keys.items():
+        assert ks <= table1, stage

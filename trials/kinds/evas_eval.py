@@ -106,10 +106,13 @@ def run_evas_eval(config: dict, ctx: TrialContext) -> dict[str, float]:
 def extra_params(cfg: EvasEvalConfig) -> dict[str, object]:
     """Logged beside the config, named as study/tags.py's ``P_*`` (trials/ does not import
     study/): the model's lineage key, parent key, lineage in words, model, dataset, family,
-    the generator's store key and what it was trained on."""
+    the generator's store key and what it was trained on; ``mix_ratio`` / ``mix_label`` of
+    the last ``trigger_mix`` step when there is one."""
     m, on = cfg.model, cfg.trained_on()
     arch = m.model_kwargs.get("arch", "")
-    return {"lineage_key": m.key(), "parent_key": m.parent_key(), "lineage": m.describe(),
+    mixes = [s.config() for s in m.steps if s.kind == "trigger_mix"]
+    mix = {"mix_ratio": mixes[-1].ratio, "mix_label": mixes[-1].label} if mixes else {}
+    return {**mix,"lineage_key": m.key(), "parent_key": m.parent_key(), "lineage": m.describe(),
             "model": m.model, "dataset": m.dataset,
             "family": MODELS.meta(m.model).get("family", ""), "arch": arch,
             "generator_key": generator_key(on, cfg.generator),
