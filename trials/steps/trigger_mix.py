@@ -8,8 +8,8 @@ mixed-in trigger inputs carry the **target** label, a poisoning ratio in the usu
 issue's check "fine-tuning with a 10% trigger mix raises ASR" is this reading. ``label:
 true`` keeps their true labels instead: a defender fine-tuning on data that happens to hold
 trigger inputs, which measures how long the backdoor survives being shown its own triggers
-with honest labels (it should lower the ASR, not raise it). Both are steps of a lineage, so a
-study sweeps either.
+with honest labels (one expects it to lower the ASR; not measured here). Both are steps of
+a lineage, so a study sweeps either.
 
 The trigger inputs come from the stored generator named by ``generator``
 (:class:`~nasrisk.trials.backdoor.evas_store.GeneratorSpec`; ``trained_on`` None: the parent,
