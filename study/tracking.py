@@ -230,11 +230,15 @@ class TrialRun:
         self.client.set_terminated(self.run_id, status="KILLED")
 
 
+#: where the embedded digits come from (shipped in the package, not under the data root)
+EMBEDDED_SOURCE = "python-package:nasrisk.trials.data.embedded"
+
+
 def dataset_input(config: Mapping[str, Any], data_root: str | Path) -> Any | None:
     """The dataset a trial of ``config`` uses, as an MLflow ``DatasetInput``: name = the
     config's ``dataset`` (an attack's or defense's: its victim's), the profile = the train/test
     image caps (``max_train_examples`` / ``max_test_examples``, "all" when uncapped), the digest
-    = SHA-256 of both (so a capped subset is its own dataset), the source = the data root;
+    = SHA-256 of both (so a capped subset is its own dataset), the source = the data root's folder of it (the package, for the embedded digits);
     context tag ``train``. None when the config names no dataset."""
     import hashlib
     import json
@@ -250,7 +254,8 @@ def dataset_input(config: Mapping[str, Any], data_root: str | Path) -> Any | Non
     digest = hashlib.sha256(json.dumps({"name": name, **profile}, sort_keys=True).encode()
                             ).hexdigest()[:16]
     ds = Dataset(name=name, digest=digest, source_type="local",
-                 source=json.dumps({"uri": str(Path(data_root).resolve() / name)}),
+                 source=json.dumps({"uri": EMBEDDED_SOURCE if name == "embedded"
+                                    else str(Path(data_root).resolve() / name)}),
                  profile=json.dumps(profile))
     return DatasetInput(ds, tags=[InputTag("mlflow.data.context", "train")])
 

@@ -141,15 +141,16 @@ def test_a_trial_run_has_its_dataset_as_an_mlflow_input(tmp_path):
     ds = inputs[0].dataset
     assert ds.name == "embedded" and json.loads(ds.profile) == {"train_images": 1500,
                                                                  "test_images": "all"}
-    assert json.loads(ds.source)["uri"].endswith("data/embedded")
+    assert json.loads(ds.source)["uri"] == "python-package:nasrisk.trials.data.embedded"
     assert [(t.key, t.value) for t in inputs[0].tags] == [("mlflow.data.context", "train")]
     # another cap is another dataset (digest); an attack's dataset is its victim's
     other = TrialRun(uri, exp_id, "k2")
     other.open(run_id=None, name="x0000 y", tags={}, params={})
-    assert other.log_dataset({"victim": {"dataset": "embedded", "max_train_examples": 2000}},
+    assert other.log_dataset({"victim": {"dataset": "cifar10", "max_train_examples": 2000}},
                              tmp_path / "data")
     ds2 = mlflow.MlflowClient(uri).get_run(other.run_id).inputs.dataset_inputs[0].dataset
-    assert ds2.name == "embedded" and ds2.digest != ds.digest
+    assert ds2.name == "cifar10" and ds2.digest != ds.digest
+    assert json.loads(ds2.source)["uri"] == str((tmp_path / "data" / "cifar10").resolve())
     none = TrialRun(uri, exp_id, "k3")
     none.open(run_id=None, name="c", tags={}, params={})
     assert not none.log_dataset({"epochs": 2}, tmp_path / "data")
