@@ -70,8 +70,8 @@ def _col(df: pd.DataFrame, name: str) -> pd.Series:
                                                   dtype=object)
 
 
-def _model_label(df: pd.DataFrame) -> pd.Series:
-    arch = _col(df, param_col("arch")).fillna("").astype(str)
+def _model_label(df: pd.DataFrame, arch_param: str = "arch") -> pd.Series:
+    arch = _col(df, param_col(arch_param)).fillna("").astype(str)
     model = _col(df, param_col(tags.P_MODEL)).fillna("").astype(str)
     return arch.where(arch != "", model)
 
@@ -155,7 +155,7 @@ def build_evas_eval_report(tracking_uri: str, experiment: str, out_dir: str | Pa
     metric_cols = [c for c in d.columns if c.startswith(("model_", "nc_", "strip_", "fp_"))
                    and not c.startswith("param.")]
     defenses = pd.DataFrame({"dataset": _col(d, param_col(tags.P_DATASET)),
-                             "model": _model_label(d) if len(d) else pd.Series(dtype=str),
+                             "model": _model_label(d, "victim.model_kwargs.arch"),
                              "defense": _col(d, param_col("defense")),
                              **{c: d[c] for c in sorted(metric_cols)}, "run_id": d["run_id"]})
     nb = runs[stage == "neighbours"]
@@ -180,9 +180,13 @@ def build_evas_eval_report(tracking_uri: str, experiment: str, out_dir: str | Pa
                   else "(no finished runs)", ""]
     lines += ["## Figure 6: trigger-mix ratio", "",
               to_markdown(mix.drop(columns=["lineage"])) if len(mix) else "(no finished runs)",
-              "", "## Tables 4-5: defenses", "",
-              to_markdown(defenses) if len(defenses) else "(no finished runs)", "",
-              "## Figure 5: the landscape around the found arch", "",
+              "", "## Tables 4-5: defenses", ""]
+    for name, g in defenses.groupby("defense", sort=True):
+        g = g.dropna(axis=1, how="all")  # each defense's own metrics
+        lines += [f"### {name}", "", to_markdown(g.drop(columns=["defense"])), ""]
+    if defenses.empty:
+        lines += ["(no finished runs)", ""]
+    lines += ["## Figure 5: the landscape around the found arch", "",
               to_markdown(neighbours) if len(neighbours) else "(no finished runs)", ""]
     paths["table_md"].write_text("\n".join(lines))
     triggers = _triggers(client, runs[stage == "table1"], out)
