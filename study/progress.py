@@ -50,6 +50,8 @@ def fmt_duration(s: float) -> str:
     s = int(max(s, 0))
     h, rem = divmod(s, 3600)
     m, sec = divmod(rem, 60)
+    if h >= 48:
+        return f"{h // 24}d{h % 24:02d}h"
     return f"{h}h{m:02d}m" if h else f"{m}m{sec:02d}s"
 
 

@@ -38,6 +38,13 @@ def _lines(out: io.StringIO) -> list[str]:
     return [ln for ln in out.getvalue().splitlines() if ln]
 
 
+def test_durations_read_at_a_glance():
+    from nasrisk.study.progress import fmt_duration
+
+    assert [fmt_duration(s) for s in (59, 61, 3 * 3600 + 120, 3 * 86400 + 7200)] == [
+        "0m59s", "1m01s", "3h02m", "3d02h"]
+
+
 def _eta_minutes(line: str) -> float:
     eta = line.rsplit("ETA ", 1)[1].lstrip("~")
     if "h" in eta:
