@@ -86,8 +86,10 @@ class EvasEvalConfig(BaseModel):
 def run_evas_eval(config: dict, ctx: TrialContext) -> dict[str, float]:
     cfg = EvasEvalConfig.model_validate(config)
     full = load_dataset(cfg.model.dataset, root=ctx.data_root, download=ctx.download)
-    gen, grec = ensure_generator(cfg.trained_on(), cfg.generator, ctx, full)
+    # the model first: its record says whether this trial made it (the generator's training
+    # then loads it from the store when it is the trained-on model)
     model, mrec = ensure_victim(cfg.model, ctx, data=full)
+    gen, grec = ensure_generator(cfg.trained_on(), cfg.generator, ctx, full)
     data = victim_data(cfg.model, ctx, full)
     idx = fixed_indices(len(data.y_test), cfg.n_inputs, cfg.seed)
     x, y = data.x_test[idx], data.y_test[idx]
