@@ -314,6 +314,22 @@ def run_trial(params: dict[str, Any], runtime: dict[str, Any]) -> None:
     finally:
         if not os.environ.get("NASRISK_KEEP_ARTIFACTS"):
             shutil.rmtree(artifacts, ignore_errors=True)
+        release_memory()
+
+
+def release_memory() -> None:
+    """Give a finished trial's freed memory back to the system: ``gc`` then glibc's
+    ``malloc_trim`` (freed heap pages stay with the process otherwise, so a reused worker
+    idles at its last trial's peak; bench/bench_worker_memory.py measures it). No-op where
+    glibc is not the allocator."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _quietly(fn: Callable[[], Any]) -> None:
