@@ -193,3 +193,26 @@ def test_evas_eval_study_shares_one_generator_per_model(profile):
     assert set(keys) == {"finetune", "retrain", "mix", "mix_step", "defenses"}
     for stage, ks in keys.items():
         assert ks <= table1, stage
+
+
+def test_report_tables_keep_each_runs_values_together():
+    """The report's mix table sorts by model and ratio with each value on its run's row (a
+    ratio column built apart from the rows it belongs to was once misaligned), and the paper
+    shape has one row per model, ACC/ASR per dataset."""
+    import pandas as pd
+
+    from nasrisk.analysis.reports.evas_eval import _eval_table, paper_shape
+
+    runs = pd.DataFrame({"run_id": ["r0", "r1", "r2", "r3"],
+                         "param.model": ["nats", "nats", "nats", "resnet18"],
+                         "param.arch": ["|b|", "|a|", "|b|", None],
+                         "param.dataset": ["cifar10"] * 3 + ["cifar100"],
+                         "param.lineage": ["x"] * 4, "param.mix_ratio": [0.1, 0.5, 0.01, 0.1],
+                         "acc": [0.1, 0.5, 0.01, 0.7], "asr": [0.9, 0.4, 0.8, 0.3]})
+    mix = _eval_table(runs, mix=True)
+    assert list(mix["run_id"]) == ["r3", "r1", "r2", "r0"]  # by model label, then ratio
+    assert (mix["ratio"] == mix["acc"]).iloc[1:].all()  # each ratio on its own run's row
+    wide = paper_shape(_eval_table(runs))
+    assert list(wide["model"]) == ["resnet18", "|a|", "|b|"]
+    assert wide.loc[wide["model"] == "|b|", "cifar10 ACC"].item() == pytest.approx(0.055)
+    assert {"cifar10 ASR", "cifar100 ACC"} <= set(wide.columns)

@@ -76,17 +76,23 @@ def _model_label(df: pd.DataFrame, arch_param: str = "arch") -> pd.Series:
     return arch.where(arch != "", model)
 
 
-def _eval_table(runs: pd.DataFrame) -> pd.DataFrame:
+def _eval_table(runs: pd.DataFrame, *, mix: bool = False) -> pd.DataFrame:
+    """One row per evas_eval run (sorted by model, dataset; with ``mix``, then by the
+    trigger-mix ratio, in a ``ratio`` column)."""
+    cols = [*EVAL_COLUMNS[:2], *(["ratio"] if mix else []), *EVAL_COLUMNS[2:]]
     if runs.empty:
-        return pd.DataFrame(columns=EVAL_COLUMNS)
+        return pd.DataFrame(columns=cols)
+    ratio = {"ratio": pd.to_numeric(_col(runs, param_col("mix_ratio")), errors="coerce")} \
+        if mix else {}
     out = pd.DataFrame({
         "dataset": _col(runs, param_col(tags.P_DATASET)).astype(str),
-        "model": _model_label(runs), "lineage": _col(runs, param_col(tags.P_LINEAGE)),
+        "model": _model_label(runs), **ratio,
+        "lineage": _col(runs, param_col(tags.P_LINEAGE)),
         "acc": pd.to_numeric(_col(runs, "acc"), errors="coerce"),
         "asr": pd.to_numeric(_col(runs, "asr"), errors="coerce"),
         "generator_asr": pd.to_numeric(_col(runs, "generator_asr"), errors="coerce"),
         "run_id": runs["run_id"]})
-    return out.sort_values(["model", "dataset"], kind="stable").reset_index(drop=True)
+    return out.sort_values(["model", "dataset", *ratio], kind="stable").reset_index(drop=True)
 
 
 def paper_shape(table: pd.DataFrame) -> pd.DataFrame:
@@ -146,11 +152,7 @@ def build_evas_eval_report(tracking_uri: str, experiment: str, out_dir: str | Pa
     runs = load_runs(tracking_uri, experiment, role=tags.ROLE_TRIAL, only_done=True)
     stage = _col(runs, tag_col(tags.STAGE))
     tables = {s: _eval_table(runs[stage == s]) for s in TABLES}
-    mix_runs = runs[stage == "mix"]
-    mix = _eval_table(mix_runs)
-    mix.insert(2, "ratio", pd.to_numeric(_col(mix_runs, param_col("mix_ratio")),
-                                         errors="coerce").to_numpy())
-    mix = mix.sort_values(["model", "dataset", "ratio"], kind="stable").reset_index(drop=True)
+    mix = _eval_table(runs[stage == "mix"], mix=True)
     d = runs[stage == "defenses"]
     metric_cols = [c for c in d.columns if c.startswith(("model_", "nc_", "strip_", "fp_"))
                    and not c.startswith("param.")]
