@@ -216,3 +216,21 @@ def test_report_tables_keep_each_runs_values_together():
     assert list(wide["model"]) == ["resnet18", "|a|", "|b|"]
     assert wide.loc[wide["model"] == "|b|", "cifar10 ACC"].item() == pytest.approx(0.055)
     assert {"cifar10 ASR", "cifar100 ACC"} <= set(wide.columns)
+
+
+def test_report_landscape_grid_is_the_two_swept_edges():
+    import pandas as pd
+
+    from nasrisk.analysis.reports.evas_eval import landscape_grid
+    from nasrisk.study.selectors import neighbour_archs
+    from nasrisk.trials.models.nats.arch_string import parse_arch
+
+    rows = neighbour_archs(CENTER, (1, 4), True)
+    nb = pd.DataFrame({"arch": [a for a, _ in rows],
+                       "asr": [OPS.index(parse_arch(a)[1]) / 10 + OPS.index(parse_arch(a)[4])
+                               / 100 + (parse_arch(a)[0] != "nor_conv_3x3")  # off-centre
+                               for a, _ in rows]}, index=range(100, 100 + len(rows)))
+    grid = landscape_grid(nb)
+    assert grid.shape == (5, 5) and (grid.index.name, grid.columns.name) == ("edge 1", "edge 4")
+    # the conv-assignment archs (other edges changed) stay out of the cells
+    assert grid.loc["avg_pool_3x3", "skip_connect"] == pytest.approx(0.4 + 0.01)

@@ -8,7 +8,8 @@ logged. Every row names its MLflow run (``run_id`` in the CSVs).
 Inputs: the trial runs of stages ``table1``, ``finetune``, ``retrain``, ``mix`` (kind
 ``evas_eval``), ``defenses`` (kind ``defense``) and ``neighbours`` (kind ``evas``). Outputs in
 ``out_dir``: ``eval.md``, ``table1.csv``, ``table2.csv``, ``table3.csv``, ``mix.csv``,
-``defenses.csv``, ``neighbours.csv``, ``mix_ratio.png`` and ``triggers/<run>.png``; logged to
+``defenses.csv``, ``neighbours.csv``, ``mix_ratio.png``, ``landscape_asr.png`` (the 5 x 5
+ASR heat map of the two swept edges) and ``triggers/<run>.png``; logged to
 the experiment's summary run (under ``report/``). A stage that has not run gives an empty table.
 
 Deviations: a model is named by its arch string (NATS) or its model name; which NATS arch is
@@ -129,6 +130,46 @@ def mix_figure(mix: pd.DataFrame, *, path: Path, title: str) -> Path:
     return save_figure(fig, path)
 
 
+def landscape_grid(neighbours: pd.DataFrame, value: str = "asr") -> pd.DataFrame | None:
+    """The 5 x 5 landscape (Figure 5): ``value`` by the ops of the two edges on which the
+    archs take all 5 ops (the selector's ``edges``), over the archs whose other edges hold
+    their most common op (the centre's); None when no two edges take all 5 ops."""
+    from nasrisk.trials.models.nats.arch_string import OPS, parse_arch
+
+    if neighbours.empty:
+        return None
+    ops = pd.DataFrame([parse_arch(a) for a in neighbours["arch"]])
+    full = [e for e in ops.columns if ops[e].nunique() == len(OPS)]
+    if len(full) != 2:
+        return None
+    a, b = full
+    rest = [e for e in ops.columns if e not in full]
+    keep = (ops[rest] == ops[rest].mode().iloc[0]).all(axis=1) if rest else ops[a] == ops[a]
+    df = pd.DataFrame({f"edge {a}": ops[a], f"edge {b}": ops[b],
+                       value: pd.to_numeric(neighbours[value], errors="coerce").to_numpy()}
+                      )[keep.to_numpy()]
+    grid = df.pivot_table(index=f"edge {a}", columns=f"edge {b}", values=value,
+                          aggfunc="mean").reindex(index=list(OPS), columns=list(OPS))
+    grid.index.name, grid.columns.name = f"edge {a}", f"edge {b}"
+    return grid
+
+
+@styled
+def landscape_figure(grid: pd.DataFrame, *, path: Path, title: str) -> Path:
+    fig = Figure(figsize=(5.6, 4.6))
+    ax = fig.add_subplot(1, 1, 1)
+    im = ax.imshow(grid.to_numpy(dtype=float), vmin=0, vmax=1, cmap="viridis")
+    ax.set_xticks(range(len(grid.columns)), [c.replace("nor_", "") for c in grid.columns],
+                  rotation=30)
+    ax.set_yticks(range(len(grid.index)), [c.replace("nor_", "") for c in grid.index])
+    ax.set_xlabel(grid.columns.name)
+    ax.set_ylabel(grid.index.name)
+    ax.set_title(title)
+    fig.colorbar(im, ax=ax, label="ASR")
+    fig.subplots_adjust(left=0.24, bottom=0.2)
+    return save_figure(fig, path)
+
+
 def _triggers(client: mlflow.MlflowClient, runs: pd.DataFrame, out: Path) -> list[Path]:
     got = []
     for rid in runs["run_id"]:
@@ -191,6 +232,14 @@ def build_evas_eval_report(tracking_uri: str, experiment: str, out_dir: str | Pa
     lines += ["## Figure 5: the landscape around the found arch", "",
               to_markdown(neighbours) if len(neighbours) else "(no finished runs)", ""]
     paths["table_md"].write_text("\n".join(lines))
+    grid = landscape_grid(neighbours)
+    if grid is not None:
+        paths["landscape_figure"] = landscape_figure(
+            grid, path=out / "landscape_asr.png",
+            title=f"{experiment}: ASR around the found arch (Figure 5)")
+        paths["table_md"].write_text(paths["table_md"].read_text() + "\n### ASR by the ops "
+                                     "of the two edges\n\n" + to_markdown(grid, index=True)
+                                     + "\n")
     triggers = _triggers(client, runs[stage == "table1"], out)
     run_id = None
     if log_to_mlflow:
