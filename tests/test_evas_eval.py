@@ -234,3 +234,4 @@ def test_report_landscape_grid_is_the_two_swept_edges():
     assert grid.shape == (5, 5) and (grid.index.name, grid.columns.name) == ("edge 1", "edge 4")
     # the conv-assignment archs (other edges changed) stay out of the cells
     assert grid.loc["avg_pool_3x3", "skip_connect"] == pytest.approx(0.4 + 0.01)
+    assert grid.loc["skip_connect", "nor_conv_3x3"] == pytest.approx(0.1 + 0.03)  # the centre
