@@ -308,7 +308,8 @@ class Neighbours(FromArtifact):
 
     @model_validator(mode="after")
     def _fields(self) -> Neighbours:
-        from nasrisk.trials.models.nats.arch_string import parse_arch
+        # nats_space imports no torch: `nasrisk studies` validates this too
+        from nasrisk.trials.nats_space import parse_arch
 
         if self.arch is not None:
             parse_arch(self.arch)
@@ -324,7 +325,7 @@ def neighbour_archs(arch: str, edges: tuple[int, int], conv: bool) -> list[tuple
     dropped (first kept)."""
     import itertools
 
-    from nasrisk.trials.models.nats.arch_string import OPS, format_arch, parse_arch
+    from nasrisk.trials.nats_space import OPS, format_arch, parse_arch
 
     ops = list(parse_arch(arch))
     out: dict[str, str] = {}
