@@ -32,3 +32,17 @@ def test_trials_never_imports_study_or_analysis():
            if re.match(r"\s*(from|import)\s+(nasrisk\.(study|analysis)|\.\.+(study|analysis))\b",
                        line)]
     assert not bad, bad
+
+
+def test_every_package_is_listed_for_installation():
+    # pyproject.toml lists the packages explicitly (package-dir maps the folders); a package
+    # missing there works in an editable install and is absent from a wheel
+    import tomllib
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    listed = set(tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]
+                 ["packages"])
+    found = {"nasrisk." + ".".join(p.parent.relative_to(root).parts)
+             for top in ("study", "trials", "analysis") for p in (root / top).rglob("__init__.py")}
+    assert found <= listed, sorted(found - listed)
