@@ -333,3 +333,13 @@ def test_cad_reference_is_the_parent_by_lineage_key(tmp_path):
     assert 0.2 not in cad.index
     assert any("kmissing" in n for n in rep.notes)
     assert any("1 poisoned victim run(s) without lineage params" in n for n in rep.notes)
+
+
+def test_every_reported_metric_has_a_unit():
+    from nasrisk.analysis.reports.automl_data import ARCH_STATS, ATTACK_METRICS, VICTIM_METRICS
+    from nasrisk.analysis.reports.automl_figures import unit_of
+
+    missing = [m for m in (*VICTIM_METRICS, *ATTACK_METRICS, *ARCH_STATS, "victim_acc")
+               if not unit_of(m)]
+    assert not missing, missing
+    assert unit_of("asr_m").startswith("success") and unit_of("nes_queries_l").startswith("quer")

@@ -47,8 +47,8 @@ def cad_curves(cad: pd.DataFrame, *, path: str | Path, title: str | None = None)
                 linewidth=2.2, marker="o", markersize=3, label=f"{family} mean (n={n})")
     ax.set_xlabel("poisoning fraction (%)")
     ax.set_ylabel("CAD (accuracy drop, %)")
-    if not per_model.empty:
-        ax.legend()
+    if not per_model.empty:  # beside the axes: inside, it hid the curves of small budgets
+        ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), frameon=False, fontsize=7)
     if title:
         ax.set_title(title)
     return save_figure(fig, path)
@@ -106,6 +106,22 @@ def contour_grid(grids: Mapping[str, Mapping[str, np.ndarray]], *, path: str | P
     return save_figure(fig, path)
 
 
+#: the y-axis unit of a strip panel, by metric-name prefix (first match wins)
+UNITS = (("asr", "success rate (fraction)"), ("overlap_asr", "success rate (fraction)"),
+         ("overlap_fooled", "fraction of inputs"), ("nes_asr", "success rate (fraction)"),
+         ("nes_queries", "queries per input"),
+         ("pgd_queries", "queries per input"), ("victim_acc", "accuracy (fraction)"),
+         ("acc", "accuracy (fraction)"), ("cad", "accuracy drop (fraction)"),
+         ("grad_var", "gradient variance"), ("param_count", "parameters"),
+         ("cell_width", "units of c"), ("cell_depth", "cells"), ("skip_count", "skip connects"),
+         ("contour", "loss"))
+
+
+def unit_of(metric: str) -> str:
+    """The unit a strip panel's y axis is labelled with ('' when none is known)."""
+    return next((u for prefix, u in UNITS if metric.startswith(prefix)), "")
+
+
 @styled
 def strip_grid(df: pd.DataFrame, metrics: list[str], *, path: str | Path,
                family_col: str = "family", groups: list[str] | None = None,
@@ -147,6 +163,8 @@ def strip_grid(df: pd.DataFrame, metrics: list[str], *, path: str | Path,
         else:
             ax.set_title(metric)
         ax.tick_params(axis="y", labelsize=6)
+        if unit_of(metric):
+            ax.set_ylabel(unit_of(metric), fontsize=6)
     for ax in axes[len(metrics):]:
         ax.set_axis_off()
     if title:
