@@ -116,6 +116,11 @@ def _search_iteration(wd):
     return max(its) if its else None
 
 
+# ~130 s on 2 cores (Ray starts twice, a search and its derived evas trials): `slow`, so the
+# default suite stays under 15 minutes; the derived-stage kill/resume invariants are in the
+# default suite (tests/test_runner_integration.py), the search's own resume in
+# tests/test_evolution.py. `make test-slow` runs it.
+@pytest.mark.slow
 def test_tiny_search_study_killed_mid_search_then_resumed(tmp_path):
     import time
 
