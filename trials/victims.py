@@ -195,6 +195,16 @@ class VictimSpec(BaseModel):
         base = f"{self.model}@{self.dataset}" + (f" seed={self.seed}" if self.seed else "")
         return " -> ".join([base, *(s.describe() for s in self.steps)])
 
+    def lineage_params(self) -> dict[str, Any]:
+        """What a trial on this model logs beside its config, named as study/tags.py's
+        ``P_*`` (trials/ does not import study/; test_registry_sweep checks they agree): the
+        lineage key, the parent's key ("" for a base), the lineage in words, the label-flip
+        fraction, model, dataset and MODELS family."""
+        return {"lineage_key": self.key(), "parent_key": self.parent_key(),
+                "lineage": self.describe(), "poison_fraction": self.poison_fraction,
+                "model": self.model, "dataset": self.dataset,
+                "family": MODELS.meta(self.model).get("family", "")}
+
     def lineage(self) -> list[dict[str, Any]]:
         """The base's identity, then each step's canonical dump."""
         return [self.identity(), *(s.dump() for s in self.steps)]

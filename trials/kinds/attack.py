@@ -52,7 +52,6 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
-    ValidationError,
     model_serializer,
     model_validator,
 )
@@ -61,9 +60,10 @@ from ..attacks.entry import AttackCommon, AttackEntry, AttackInputs, fixed_indic
 from ..attacks.targets import clean_logits, select_correct
 from ..context import TrialContext
 from ..data import ImageData, load_dataset, to_float
-from ..registry import ATTACKS, MODELS, TRIAL_KINDS
+from ..registry import ATTACKS, TRIAL_KINDS
 from ..victims import VictimSpec, ensure_victim, victim_data
 from .base import TrialKind
+from .options import own_options
 
 
 def attack_names() -> list[str]:
@@ -75,12 +75,6 @@ def _is_attack(name: str) -> str:
     if name not in ATTACKS or not isinstance(ATTACKS.get(name), AttackEntry):
         raise ValueError(f"unknown attack {name!r}; valid: {', '.join(attack_names())}")
     return name
-
-
-def _options_error(name: str, e: ValidationError) -> ValueError:
-    errs = "; ".join((f"{'.'.join(map(str, x['loc']))}: " if x["loc"] else "")
-                     + x["msg"].removeprefix("Value error, ") for x in e.errors())
-    return ValueError(f"attack_options.{name}: {errs}")
 
 
 AttackName = Annotated[str, AfterValidator(_is_attack)]
@@ -130,20 +124,8 @@ class AttackConfig(BaseModel):
     def _own_options(self) -> AttackConfig:
         # every attack's options are checked (a typo fails in every trial of the stage), then
         # only this trial's attack's options are kept, with their defaults filled in
-        own: dict[str, Any] = {}
-        for name, opts in self.attack_options.items():
-            try:
-                _is_attack(name)
-            except ValueError as e:
-                raise ValueError(f"attack_options: {e}") from None
-            try:
-                valid = ATTACKS.get(name).options.model_validate(opts)
-            except ValidationError as e:
-                raise _options_error(name, e) from None
-            if name == self.attack:
-                own = valid.model_dump(mode="json")
-        if self.attack not in self.attack_options:
-            own = ATTACKS.get(self.attack).options().model_dump(mode="json")
+        own = own_options("attack_options", self.attack_options, self.attack,
+                          check=_is_attack, model_of=lambda n: ATTACKS.get(n).options)
         object.__setattr__(self, "attack_options", {self.attack: own})
         return self
 
@@ -217,12 +199,7 @@ def extra_params(cfg: AttackConfig) -> dict[str, object]:
     without parsing nested keys (and the runner links the run to the model's): the victim's
     lineage key, its parent's key ("" for a base), the lineage in words, its label-flip
     fraction, model, dataset, MODELS family, and the attack (named as study/tags.py's ``P_*``)."""
-    v = cfg.victim
-    # the names are study/tags.py's P_* (trials/ does not import study/; test_registry_sweep
-    # checks the two agree)
-    return {"lineage_key": v.key(), "parent_key": v.parent_key(), "lineage": v.describe(),
-            "poison_fraction": v.poison_fraction, "model": v.model, "dataset": v.dataset,
-            "family": MODELS.meta(v.model).get("family", ""), "attack": cfg.attack}
+    return {**cfg.victim.lineage_params(), "attack": cfg.attack}
 
 
 def trial_name(cfg: AttackConfig) -> str:

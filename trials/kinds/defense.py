@@ -42,7 +42,6 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
-    ValidationError,
     model_validator,
 )
 
@@ -52,10 +51,11 @@ from ..context import TrialContext
 from ..data import load_dataset
 from ..defenses.entry import DefenseEntry, DefenseInputs, accuracy, success_rate
 from ..defenses.triggers import PatchTrigger, TriggerInputs, generator_trigger, patch_trigger
-from ..registry import DEFENSES, MODELS, TRIAL_KINDS
+from ..registry import DEFENSES, TRIAL_KINDS
 from ..steps.badnet import trigger_of
 from ..victims import VictimSpec, ensure_victim, victim_data
 from .base import TrialKind
+from .options import own_options
 
 _COMMON = ("model_acc", "model_asr", "model_trained")
 
@@ -133,22 +133,8 @@ class DefenseConfig(BaseModel):
 
     @model_validator(mode="after")
     def _own_options(self) -> DefenseConfig:
-        own: dict[str, Any] | None = None
-        for name, opts in self.defense_options.items():
-            try:
-                _is_defense(name)
-            except ValueError as e:
-                raise ValueError(f"defense_options: {e}") from None
-            try:
-                valid = DEFENSES.get(name).options.model_validate(opts)
-            except ValidationError as e:
-                errs = "; ".join((f"{'.'.join(map(str, x['loc']))}: " if x["loc"] else "")
-                                 + x["msg"].removeprefix("Value error, ") for x in e.errors())
-                raise ValueError(f"defense_options.{name}: {errs}") from None
-            if name == self.defense:
-                own = valid.model_dump(mode="json")
-        if own is None:
-            own = self.entry().options().model_dump(mode="json")
+        own = own_options("defense_options", self.defense_options, self.defense,
+                          check=_is_defense, model_of=lambda n: DEFENSES.get(n).options)
         object.__setattr__(self, "defense_options", {self.defense: own})
         if self.entry().needs_trigger and not self.has_trigger():
             raise ValueError(f"defense {self.defense} needs trigger inputs, and trigger source "
@@ -201,10 +187,7 @@ def extra_params(cfg: DefenseConfig) -> dict[str, object]:
     """Logged beside the config: the model's lineage key, its parent's key, the lineage in
     words, model, dataset, MODELS family, and the defense (named as study/tags.py's ``P_*``;
     trials/ does not import study/)."""
-    v = cfg.victim
-    return {"lineage_key": v.key(), "parent_key": v.parent_key(), "lineage": v.describe(),
-            "poison_fraction": v.poison_fraction, "model": v.model, "dataset": v.dataset,
-            "family": MODELS.meta(v.model).get("family", ""), "defense": cfg.defense}
+    return {**cfg.victim.lineage_params(), "defense": cfg.defense}
 
 
 def trial_name(cfg: DefenseConfig) -> str:
